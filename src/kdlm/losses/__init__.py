@@ -19,6 +19,7 @@ from kdlm.losses.divergences import (
     tvd,
 )
 from kdlm.losses.fused import fused_distill_loss, fused_kd_terms
+from kdlm.losses.ranking import peak_alignment_metrics, ranking_loss, soft_rank, topk_overlap
 from kdlm.losses.reduce import KDTerms, distill_loss, kd_terms, normalize
 
 __all__ = [
@@ -35,10 +36,14 @@ __all__ = [
     "kd_terms",
     "log_probs",
     "normalize",
+    "peak_alignment_metrics",
+    "ranking_loss",
     "resolve_divergence",
     "rkl",
     "skew_fkl",
     "skew_rkl",
+    "soft_rank",
     "token_nll",
+    "topk_overlap",
     "tvd",
 ]

@@ -1,0 +1,111 @@
+"""The ``kdlm`` command line: one function per subcommand.
+
+    kdlm distill [--config run.yaml] [--train.lr 1e-4 ...] [--resume]   train a student (no arguments: the demo)
+    kdlm eval    [--config run.yaml] [--model RUN_DIR/final]             evaluate a student against the teacher
+    kdlm validate [--config run.yaml] [...]                              check + print the resolved config, run nothing
+
+``python -m kdlm ...`` is the same, so ``accelerate launch -m kdlm distill ...`` works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Optional, Sequence
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from kdlm.config import Config, ConfigError, to_dict, validate
+
+COMMANDS = ("distill", "eval", "validate")
+
+
+def build_parser(command: str) -> ArgumentParser:
+    """The parser of one subcommand: ``--config FILE`` plus one dotted flag per config field."""
+    parser = ArgumentParser(
+        prog=f"kdlm {command}",
+        description=__doc__.splitlines()[0],
+        exit_on_error=False,
+        default_env=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file; flags after it override it.")
+    if command == "distill":
+        parser.add_argument(
+            "--resume", action="store_true", help="Continue from the newest complete checkpoint (= --train.resume true)."
+        )
+    if command == "eval":
+        parser.add_argument(
+            "--model",
+            type=Optional[str],
+            default=None,
+            help="Student folder to evaluate (default: <train.output_dir>/final).",
+        )
+    parser.add_class_arguments(Config, nested_key=None, fail_untyped=True)
+    return parser
+
+
+def parse_config(argv: Sequence[str], command: str = "distill") -> tuple[Config, dict]:
+    """Parse ``argv`` (without the subcommand) into a validated :class:`Config` and the command's extra flags.
+
+    Raises :class:`ConfigError` naming the offending key for unknown keys, wrong types and contradictions.
+    """
+    parser = build_parser(command)
+    try:
+        namespace = parser.parse_args(list(argv))
+        built = parser.instantiate(namespace)
+    except Exception as err:  # jsonargparse raises ArgumentError / ParserError with the key in the message
+        raise ConfigError(str(err)) from None
+    cfg = Config(**{f.name: built[f.name] for f in dataclasses.fields(Config)})
+    extras = {k: built[k] for k in ("resume", "model") if k in built}
+    if extras.get("resume"):
+        cfg.train.resume = True
+    return validate(cfg), extras
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            argv = ["distill"]  # `kdlm` alone runs the demo, like `kdlm distill`
+        else:
+            print(__doc__)
+            return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"kdlm: error: unknown command '{command}'; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in rest):
+        build_parser(command).print_help()
+        return 0
+    try:
+        cfg, extras = parse_config(rest, command)
+    except ConfigError as err:
+        print(f"kdlm {command}: error: {err}", file=sys.stderr)
+        return 2
+
+    if command == "validate":
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print("# config is valid", file=sys.stderr)
+        return 0
+
+    from kdlm.errors import KdlmError  # noqa: PLC0415 (keep `validate` free of heavy imports)
+
+    try:
+        if command == "distill":
+            from kdlm.train.loop import distill
+
+            distill(cfg)
+        else:
+            from kdlm.eval.run import evaluate_command
+
+            evaluate_command(cfg, model_path=extras.get("model"))
+    except KdlmError as err:
+        print(f"kdlm {command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,17 @@
+"""Errors kdlm reports to the user as one clear message (the CLI prints them without a traceback)."""
+
+
+class KdlmError(Exception):
+    """Base class: bad input or state that the user can fix; the message says what and where."""
+
+
+class DataError(KdlmError):
+    """A data file or dataset is malformed: the message names the file, line and field."""
+
+
+class ModelError(KdlmError):
+    """A model or tokenizer cannot be used as asked (e.g. teacher and student tokenizers differ)."""
+
+
+class CheckpointError(KdlmError):
+    """A checkpoint is missing, incomplete, or does not match the run."""

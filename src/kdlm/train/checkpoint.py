@@ -1,0 +1,142 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint folder ``checkpoint-0000100`` holds the student (safetensors, loadable with ``from_pretrained``),
+the optimizer state, the scheduler state, every process's RNG state and the data position. It is written under a
+temporary name, ``manifest.json`` is written last, and only then is the folder renamed: a folder without a
+manifest is a torn checkpoint and is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdlm.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainState:
+    """Where training stands: optimizer steps done and the position in the data stream."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    """Micro-batches of the current epoch already consumed (by this process)."""
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"torch_cuda_{index}"] = cuda_state
+    return state
+
+
+def _python_rng() -> dict:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, accelerator, student_lm, optimizer, scheduler, keep: int) -> Path:
+    """Write checkpoint ``state.step`` atomically; every process calls this (each saves its own RNG state)."""
+    final = run_dir / f"{PREFIX}{state.step:07d}"
+    tmp = run_dir / f".{PREFIX}{state.step:07d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    save_file(_rng_state(), tmp / f"rng-rank{rank}.safetensors")
+    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(_python_rng()))
+    if accelerator.is_main_process:
+        student_lm.save_pretrained(tmp / "student", safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        (tmp / "state.json").write_text(json.dumps(asdict(state)))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        manifest = {
+            "format": FORMAT_VERSION,
+            "step": state.step,
+            "num_processes": accelerator.num_processes,
+            "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks the folder complete
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        complete = sorted(complete_checkpoints(run_dir))
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders that have their manifest, oldest first; torn ones are reported and skipped."""
+    found = []
+    for path in sorted(run_dir.glob(f"{PREFIX}*")):
+        if (path / "manifest.json").is_file():
+            found.append(path)
+        else:
+            log.warning("skipping torn checkpoint %s (no manifest.json: it was interrupted while being written)", path)
+    return found
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    complete = complete_checkpoints(run_dir)
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: Path, accelerator, student_lm, optimizer, scheduler) -> TrainState:
+    """Restore weights, optimizer, scheduler, RNG and data position; anything missing is an error."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format')} is not {FORMAT_VERSION}")
+    if manifest["num_processes"] != accelerator.num_processes:
+        raise CheckpointError(
+            f"{path}: written by {manifest['num_processes']} processes, resuming with {accelerator.num_processes}; "
+            "resume with the same number of processes"
+        )
+    rank = accelerator.process_index
+    required = ["student/model.safetensors", "optimizer.pt", "scheduler.json", "state.json",
+                f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"]
+    missing = [name for name in required if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}; cannot resume exactly from it")
+    weights = load_file(path / "student" / "model.safetensors")
+    result = student_lm.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if getattr(student_lm.config, "tie_word_embeddings", False) else set()
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise CheckpointError(f"{path}: student weights do not match the model ({result})")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    rng = load_file(path / f"rng-rank{rank}.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")])
+    other = json.loads((path / f"rng-rank{rank}.json").read_text())
+    version, internal, gauss = other["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = other["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    state = TrainState(**json.loads((path / "state.json").read_text()))
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batches_in_epoch)
+    return state

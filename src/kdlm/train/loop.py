@@ -1,0 +1,254 @@
+"""``kdlm distill``: the one training loop, on accelerate. Read it top to bottom.
+
+1. run directory, resolved config, logging        5. optimizer, cosine schedule, accelerate.prepare
+2. teacher, student, tokenizer check               6. resume (weights, optimizer, scheduler, RNG, data position)
+3. data: read, teacher responses, tokenise         7. the step loop: accumulate, clip, step, log, evaluate, save
+4. the objective: a batch -> (loss, metrics) fn    8. final student + before/after evaluation
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from kdlm.config import Config, save_resolved, to_dict
+from kdlm.data import collate, load_splits, tokenize_examples
+from kdlm.errors import CheckpointError, DataError
+from kdlm.eval.report import evaluate_and_report, format_comparison
+from kdlm.generation import fill_teacher_responses
+from kdlm.models import load_models
+from kdlm.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from kdlm.train.objectives import DecoderOnly, make_objective, response_positions
+
+log = logging.getLogger("kdlm")
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch: epoch e always yields the same order, so a resumed run sees the same data."""
+
+    # No `set_epoch` method on purpose: accelerate's loader calls `set_epoch` with its own pass counter, which
+    # restarts at 0 after a resume. The epoch is set only by `_batches`, from the checkpointed data position.
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _batches(accelerator, loader, sampler: EpochSampler, state: TrainState) -> Iterator[dict]:
+    """Endless stream of micro-batches that keeps ``state.epoch``/``state.batches_in_epoch`` current."""
+    while True:
+        sampler.epoch = state.epoch
+        skip = state.batches_in_epoch
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            state.batches_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
+def _setup_logging(run_dir: Path, is_main: bool) -> None:
+    """kdlm's own loggers go to stderr and, on the main process, to ``train.log`` in the run directory."""
+    logger = logging.getLogger("kdlm")
+    for handler in [h for h in logger.handlers if getattr(h, "_kdlm", False)]:
+        logger.removeHandler(handler)
+        handler.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if is_main:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler._kdlm = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process in GB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def distill(cfg: Config) -> dict:
+    """Train the student as ``cfg`` says; returns the run summary (also written to summary.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    started = time.time()
+    # 1. Run directory and resolved config.
+    run_dir = Path(cfg.train.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=cfg.train.trackers or None,
+        project_dir=str(run_dir),
+    )
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    _setup_logging(run_dir, accelerator.is_main_process)
+    resume_from = None
+    if cfg.train.resume:
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is None:
+            raise CheckpointError(f"--resume: no complete checkpoint in {run_dir} (set train.save_every to write some)")
+    if accelerator.is_main_process:
+        save_resolved(cfg, run_dir / "config.yaml")
+        if not cfg.train.resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if cfg.train.trackers:
+        # Trackers such as tensorboard take flat scalar hyper-parameters: "train.lr" -> 3e-4.
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(to_dict(cfg)).items()}
+        accelerator.init_trackers(run_dir.name or "kdlm", config=flat)
+    set_seed(cfg.train.seed)
+
+    # 2. Models. The tokenizer check happens inside (a mismatch is an error, padded rows are sliced later).
+    models = load_models(cfg)
+    tokenizer, vocab_size = models.tokenizer, models.vocab_size
+    teacher = models.teacher.to(accelerator.device)
+
+    # 3. Data: read, let the teacher write responses where the data has none (cached), tokenise with masking.
+    train_examples, eval_examples, has_responses = load_splits(cfg.data, cfg.train.seed)
+    if not has_responses:
+        with accelerator.main_process_first():  # one process generates and caches, the others read the cache
+            fill_teacher_responses(cfg, teacher, tokenizer, train_examples, "train")
+            fill_teacher_responses(cfg, teacher, tokenizer, eval_examples, "eval")
+    tok = partial(
+        tokenize_examples,
+        tokenizer=tokenizer,
+        max_prompt_length=cfg.data.max_prompt_length,
+        max_length=cfg.data.max_length,
+        system_prompt=cfg.data.system_prompt,
+    )
+    train_items, train_counts = tok(train_examples)
+    eval_items, eval_counts = tok(eval_examples)
+    log.info(train_counts.summary("train data"))
+    log.info(eval_counts.summary("eval data"))
+    if not train_items:
+        raise DataError(f"{cfg.data.train}: no training example left ({train_counts.summary('train data')})")
+
+    # 4. The objective.
+    objective = make_objective(cfg.objective, teacher, vocab_size)
+
+    # 5. Optimizer, schedule, accelerate.
+    student = DecoderOnly(models.student)
+    sampler = EpochSampler(len(train_items), cfg.train.seed)
+    loader = DataLoader(
+        train_items, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id)
+    )
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it per process).
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.train.warmup_ratio * total_steps), total_steps)
+    student_lm = accelerator.unwrap_model(student).lm
+
+    # 6. Resume.
+    state = TrainState()
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator, student_lm, optimizer, scheduler)
+
+    summary: dict = {"data": {"train": vars(train_counts), "eval": vars(eval_counts)}, "total_steps": total_steps}
+    evaluate = partial(
+        evaluate_and_report, cfg=cfg, teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size,
+        eval_items=eval_items, eval_examples=eval_examples, run_dir=run_dir, accelerator=accelerator,
+    )
+    if cfg.eval.enabled and state.step == 0 and eval_items:
+        summary["before"] = evaluate(student_lm, tag="before")
+
+    # 7. The step loop.
+    metrics_file = run_dir / "metrics.jsonl"
+    batches = _batches(accelerator, loader, sampler, state)
+    bar = tqdm(total=total_steps, initial=state.step, desc="distill", unit="step",
+               disable=not (cfg.train.progress and accelerator.is_main_process), dynamic_ncols=True)
+    window_tokens_seen, window_time = 0, time.time()
+    student.train()
+    while state.step < total_steps:
+        window = [next(batches) for _ in range(cfg.train.grad_accum)]
+        # The denominator of the loss: response tokens of the whole optimizer step, over every process.
+        local_tokens = sum(int(response_positions(b)[0].sum()) for b in window)
+        global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+        step_sums: dict[str, float] = {}
+        loss_sum = 0.0
+        for index, batch in enumerate(window):
+            last = index == len(window) - 1
+            with (nullcontext() if last else accelerator.no_sync(student)), accelerator.autocast():
+                out = objective(student, batch)
+                # DDP averages gradients over processes, hence the factor num_processes.
+                loss = out.loss_sum * accelerator.num_processes / max(global_tokens, 1)
+            accelerator.backward(loss)
+            loss_sum += float(out.loss_sum.detach())
+            for key, value in out.metrics.items():
+                step_sums[key] = step_sums.get(key, 0.0) + value
+        grad_norm = None
+        if cfg.train.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+
+        window_tokens_seen += sum(int(b["attention_mask"].sum()) for b in window) * accelerator.num_processes
+        totals = accelerator.reduce(torch.tensor([loss_sum, *step_sums.values()], device=accelerator.device), "sum")
+        record = {"step": state.step, "epoch": state.epoch, "loss": float(totals[0]) / max(global_tokens, 1)}
+        record.update({k: float(v) / max(global_tokens, 1) for k, v in zip(step_sums, totals[1:].tolist())})
+        record.update({"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "response_tokens": global_tokens})
+        bar.update(1)
+        if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+            elapsed = time.time() - window_time
+            record["tokens_per_s"] = window_tokens_seen / max(elapsed, 1e-9)
+            window_tokens_seen, window_time = 0, time.time()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if accelerator.is_main_process:
+                with metrics_file.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            accelerator.log(record, step=state.step)
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps and eval_items:
+            evaluate(student_lm, tag=f"step{state.step}", samples=False)
+        if cfg.train.save_every and state.step % cfg.train.save_every == 0:
+            save_checkpoint(run_dir, state, accelerator, student_lm, optimizer, scheduler, cfg.train.save_total_limit)
+    bar.close()
+
+    # 8. Final student and evaluation.
+    if accelerator.is_main_process:
+        student_lm.save_pretrained(run_dir / "final", safe_serialization=True)
+        tokenizer.save_pretrained(run_dir / "final")
+    if cfg.eval.enabled and eval_items:
+        summary["after"] = evaluate(student_lm, tag="after")
+    summary["wall_s"] = time.time() - started
+    summary["peak_rss_gb"] = peak_rss_gb()
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if "before" in summary and "after" in summary:
+            comparison = format_comparison(summary["before"], summary["after"])
+            (run_dir / "comparison.md").write_text(comparison + "\n")
+            print(comparison, flush=True)
+        log.info("done in %.0f s, peak memory %.2f GB; student saved to %s", summary["wall_s"], summary["peak_rss_gb"], run_dir / "final")
+    accelerator.end_training()
+    return summary

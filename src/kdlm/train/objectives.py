@@ -1,0 +1,165 @@
+"""Training objectives. Each method is a function ``(student, batch) -> StepOutput``; the loop knows nothing else.
+
+An objective returns SUMS over the batch's response tokens; the training loop divides by the number of response
+tokens in the whole optimizer step across all processes (so gradient accumulation and data parallelism give the
+same loss as one large batch). Logits are computed only at response positions: prompt positions need no
+output layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from kdlm import losses
+from kdlm.config import ObjectiveConfig
+from kdlm.data.format import IGNORE
+
+
+class DecoderOnly(nn.Module):
+    """Wraps a causal LM so that ``forward`` returns the decoder's final hidden states, not logits.
+
+    The output layer is applied by the loss (fused with the divergence, chunk by chunk). This wrapper is the
+    module handed to ``accelerator.prepare`` so data-parallel wrappers see the forward pass.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@dataclass
+class OutputHead:
+    """The output layer of a causal LM as the fused loss needs it: logits = softcap(scale * (h @ W[:V].T + b))."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    scale: float
+    softcap: Optional[float]
+
+    @classmethod
+    def of(cls, lm: nn.Module, vocab_size: int) -> "OutputHead":
+        head = lm.get_output_embeddings()
+        config = lm.config
+        scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere multiplies logits
+        if getattr(config, "logits_scaling", None):  # Granite divides them
+            scale /= float(config.logits_scaling)
+        softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2
+        bias = head.bias[:vocab_size] if getattr(head, "bias", None) is not None else None
+        # Rows past the tokenizer's vocabulary are padding (e.g. 152064 vs 151936): never part of any softmax.
+        return cls(head.weight[:vocab_size], bias, scale, float(softcap) if softcap else None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = hidden @ self.weight.T
+        if self.bias is not None:
+            logits = logits + self.bias
+        logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+@dataclass
+class StepOutput:
+    loss_sum: torch.Tensor
+    """Sum over the batch's response tokens of the per-token objective (differentiable)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Sums over the batch's response tokens, e.g. {'ce': ..., 'kd': ...}; divided by the token count when logged."""
+
+
+Objective = Callable[[nn.Module, dict], StepOutput]
+
+
+def response_positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [B, L-1] of positions whose NEXT token is a response token, and those next tokens [N]."""
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    return mask, targets[mask]
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while hasattr(module, "module"):  # DDP / FSDP wrappers
+        module = module.module
+    return module
+
+
+def make_objective(cfg: ObjectiveConfig, teacher: Optional[nn.Module], vocab_size: int) -> Objective:
+    """The ``batch -> (loss, metrics)`` function for ``cfg.name``."""
+    if cfg.name == "sft":
+        return _SFT(vocab_size)
+    if teacher is None:
+        raise ValueError(f"objective '{cfg.name}' needs a teacher")
+    return _KD(cfg, teacher, vocab_size)
+
+
+class _SFT:
+    """Cross-entropy −log q(y_t) on the response tokens (the SFT baseline)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
+        mask, targets = response_positions(batch)
+        hidden = student(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
+        head = OutputHead.of(_unwrap(student).lm, self.vocab_size)
+        nll = losses.token_nll(head.logits(hidden), targets).sum()
+        return StepOutput(nll, {"ce": float(nll.detach())})
+
+
+class _KD:
+    """(1 − kd_ratio)·CE + kd_ratio·D(teacher ‖ student) per response token, D any divergence of kdlm.losses."""
+
+    def __init__(self, cfg: ObjectiveConfig, teacher: nn.Module, vocab_size: int):
+        self.cfg = cfg
+        self.teacher = teacher
+        self.vocab_size = vocab_size
+        self.params = cfg.divergence_params()
+
+    def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
+        cfg = self.cfg
+        mask, targets = response_positions(batch)
+        student_hidden = student(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
+        with torch.no_grad():
+            teacher_hidden = DecoderOnly(self.teacher)(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
+        s_head = OutputHead.of(_unwrap(student).lm, self.vocab_size)
+        t_head = OutputHead.of(self.teacher, self.vocab_size)
+        flat_mask = torch.ones(student_hidden.shape[0], dtype=torch.bool, device=student_hidden.device)
+        if cfg.fused:
+            terms = losses.fused_kd_terms(
+                student_hidden,
+                s_head.weight,
+                teacher_hidden,
+                t_head.weight,
+                flat_mask,
+                divergence=cfg.divergence,
+                temperature=cfg.temperature,
+                student_bias=s_head.bias,
+                teacher_bias=t_head.bias,
+                student_logit_scale=s_head.scale,
+                teacher_logit_scale=t_head.scale,
+                student_softcap=s_head.softcap,
+                teacher_softcap=t_head.softcap,
+                labels=targets,
+                chunk_size=cfg.chunk_size,
+                compile=cfg.compile,
+                **self.params,
+            )
+        else:
+            terms = losses.kd_terms(
+                s_head.logits(student_hidden),
+                t_head.logits(teacher_hidden),
+                flat_mask,
+                labels=targets,
+                divergence=cfg.divergence,
+                temperature=cfg.temperature,
+                **self.params,
+            )
+        loss_sum = (1.0 - cfg.kd_ratio) * terms.ce_sum + cfg.kd_ratio * terms.divergence_sum
+        metrics = {"ce": float(terms.ce_sum.detach()), "kd": float(terms.divergence_sum.detach()), **{k: float(v) for k, v in terms.aux.items()}}
+        return StepOutput(loss_sum, metrics)

@@ -1,0 +1,100 @@
+"""Models: tokenizer check, padded output rows, pruning from the teacher."""
+
+import pytest
+import torch
+from conftest import make_llama, make_tokenizer, save_model, tiny_config
+
+from kdlm import losses
+from kdlm.data import collate, read_examples, tokenize_examples
+from kdlm.errors import ModelError
+from kdlm.models import check_same_tokenizer, default_keep_layers, load_models, prune_from_teacher
+from kdlm.train.objectives import DecoderOnly, make_objective
+
+
+def test_same_tokenizer_passes_and_gives_vocab_size():
+    assert check_same_tokenizer(make_tokenizer(), make_tokenizer()) == len(make_tokenizer())
+
+
+def test_different_vocabulary_is_refused():
+    with pytest.raises(ModelError, match="tokenizers differ.*only in student: \\['é'\\]"):
+        check_same_tokenizer(make_tokenizer(), make_tokenizer(extra_chars="é"))
+
+
+def test_different_special_tokens_are_refused():
+    other = make_tokenizer()
+    other.eos_token = "<bos>"
+    with pytest.raises(ModelError, match="special tokens differ"):
+        check_same_tokenizer(make_tokenizer(), other)
+
+
+def test_refused_at_load_time(tiny, tmp_path):
+    other = make_tokenizer(extra_chars="éü")
+    folder = save_model(tmp_path / "other", make_llama(len(other), layers=2), other)
+    cfg = tiny_config(tiny, tmp_path, **{"student.init": "pretrained", "student.name_or_path": str(folder)})
+    with pytest.raises(ModelError, match="tokenizers differ"):
+        load_models(cfg)
+
+
+def test_padded_output_rows_are_sliced(tiny, tmp_path):
+    """A teacher with 9 padded output rows: the loss must equal the loss over the real vocabulary only."""
+    tokenizer = tiny["tokenizer"]
+    vocab = len(tokenizer)
+    teacher = make_llama(vocab + 9, layers=2, seed=5)
+    with torch.no_grad():  # padded rows that would dominate the softmax if they were not sliced off
+        teacher.lm_head.weight[vocab:] = 5.0
+    teacher_dir = save_model(tmp_path / "padded", teacher, tokenizer)
+    cfg = tiny_config(tiny, tmp_path, **{"teacher.name_or_path": str(teacher_dir), "student.init": "pretrained",
+                                        "student.name_or_path": str(tiny["student"]), "objective.kd_ratio": 1.0})
+    models = load_models(cfg)
+    assert models.vocab_size == vocab
+    examples, _ = read_examples(str(tiny["train"]), cfg.data)
+    items, _ = tokenize_examples(examples[:4], tokenizer, max_prompt_length=64, max_length=128)
+    batch = collate(items, tokenizer.pad_token_id)
+    loss = make_objective(cfg.objective, models.teacher, models.vocab_size)(DecoderOnly(models.student), batch).loss_sum
+    with torch.no_grad():
+        s_logits = models.student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t_logits = models.teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["labels"][:, 1:] != -100
+    expected = losses.fkl(s_logits[mask], t_logits[mask][:, :vocab]).sum()
+    unsliced = losses.fkl(torch.cat([s_logits[mask], torch.full((int(mask.sum()), 9), -1e4)], -1), t_logits[mask]).sum()
+    assert torch.allclose(loss, expected, rtol=1e-4)
+    assert not torch.allclose(expected, unsliced, rtol=1e-2)
+
+
+def test_default_keep_layers():
+    assert default_keep_layers(30, 9) == [0, 4, 7, 11, 14, 18, 22, 25, 29]
+    assert default_keep_layers(4, 2) == [0, 3]
+    assert default_keep_layers(5, 1) == [0]
+    with pytest.raises(ModelError, match="num_layers=31"):
+        default_keep_layers(30, 31)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_pruning_copies_the_kept_layers(tie):
+    teacher = make_llama(50, layers=5, seed=3, tie=tie).eval()
+    student = prune_from_teacher(teacher, [0, 2, 4]).eval()
+    assert student.config.num_hidden_layers == 3 and len(student.model.layers) == 3
+    for new, old in enumerate([0, 2, 4]):
+        for (name, p_new), (_, p_old) in zip(student.model.layers[new].named_parameters(), teacher.model.layers[old].named_parameters()):
+            assert torch.equal(p_new, p_old), name
+        assert student.model.layers[new].self_attn.layer_idx == new  # KV-cache slot renumbered
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
+    assert torch.equal(student.model.norm.weight, teacher.model.norm.weight)
+    # Keeping every layer reproduces the teacher exactly; generation with the KV cache works.
+    full = prune_from_teacher(teacher, list(range(5))).eval()
+    ids = torch.randint(3, 50, (2, 7))
+    assert torch.allclose(full(ids).logits, teacher(ids).logits, atol=1e-6)
+    out = student.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 10)
+
+
+def test_pruning_rejects_bad_indices():
+    with pytest.raises(ModelError, match="out of range"):
+        prune_from_teacher(make_llama(50, layers=3), [0, 3])
+
+
+def test_trust_remote_code_is_off_by_default():
+    from kdlm.config import StudentConfig, TeacherConfig
+
+    assert TeacherConfig().trust_remote_code is False and StudentConfig().trust_remote_code is False
