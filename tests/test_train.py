@@ -1,6 +1,7 @@
 """The training loop end to end on tiny models: learning, normalisation, checkpoints and resume."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -106,3 +107,15 @@ def test_tensorboard_tracker_writes_events(tiny, tmp_path):
     cfg = tiny_config(tiny, tmp_path, **{"train.max_steps": 2, "train.log_every": 1, "train.trackers": ["tensorboard"]})
     distill(cfg)
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
+def test_bf16_autocast_and_periodic_eval(tiny, tmp_path):
+    """bf16 autocast trains (loss falls) and keeps finite values; eval_every writes intermediate evaluations."""
+    cfg = tiny_config(tiny, tmp_path, **{"train.max_steps": 12, "train.log_every": 1, "train.lr": 1e-2,
+                                        "train.mixed_precision": "bf16", "train.eval_every": 5,
+                                        "eval.enabled": True, "eval.num_samples": 0})
+    summary = distill(cfg)
+    losses = [m["loss"] for m in _metrics(tmp_path / "run")]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    assert (tmp_path / "run" / "eval_step5.json").is_file() and (tmp_path / "run" / "eval_step10.json").is_file()
+    assert math.isfinite(summary["after"]["overall"]["kl"])
