@@ -136,6 +136,42 @@ def test_fused_kd_terms_with_labels_matches_dense(name: str) -> None:
         torch.testing.assert_close(fused_leaves[key].grad, dense_leaves[key].grad, **TOL, msg=key)
 
 
+@pytest.mark.parametrize(
+    "name, kd_ratio, compile_",
+    [("fkl", 0.5, False), ("jsd", 0.3, False), ("akl", 1.0, False), pytest.param("jsd", 0.3, True, marks=pytest.mark.slow)],
+)
+def test_fused_kd_ratio_mix_matches_dense(name: str, kd_ratio: float, compile_: bool) -> None:
+    """kd_ratio: one combined logit gradient per chunk gives the same loss and gradients as the dense mix."""
+    if compile_:
+        pytest.importorskip("torch._inductor")
+    problem = make_problem(seed=11)
+    dense_leaves, fused_leaves = leaves(problem), leaves(problem)
+    student, teacher = dense_logits({**problem, **dense_leaves})
+    dense = kd_terms(student, teacher, problem["mask"], problem["labels"], name, kd_ratio=kd_ratio)
+    fused = fused_kd_terms(
+        fused_leaves["student_hidden"], fused_leaves["student_weight"], problem["teacher_hidden"],
+        problem["teacher_weight"], problem["mask"], name, labels=problem["labels"],
+        student_bias=fused_leaves["student_bias"], teacher_bias=problem["teacher_bias"], chunk_size=5,
+        kd_ratio=kd_ratio, compile=compile_,
+    )
+    expected = (1 - kd_ratio) * dense.ce_sum + kd_ratio * dense.divergence_sum
+    torch.testing.assert_close(dense.loss_sum, expected, **TOL)
+    torch.testing.assert_close(fused.loss_sum, expected.detach(), **TOL)
+    torch.testing.assert_close(fused.divergence_sum, dense.divergence_sum.detach(), **TOL)
+    assert not fused.divergence_sum.requires_grad and not fused.ce_sum.requires_grad  # logging only
+    (dense.loss_sum / 37).backward()
+    (fused.loss_sum / 37).backward()
+    for key in STUDENT_LEAVES:
+        torch.testing.assert_close(fused_leaves[key].grad, dense_leaves[key].grad, **TOL, msg=key)
+
+
+def test_kd_ratio_needs_labels() -> None:
+    problem = make_problem(seed=12)
+    with pytest.raises(ValueError, match="needs labels"):
+        fused_kd_terms(problem["student_hidden"], problem["student_weight"], problem["teacher_hidden"],
+                       problem["teacher_weight"], problem["mask"], kd_ratio=0.5)
+
+
 def test_teacher_gets_no_gradient_and_no_grad_mode_works() -> None:
     problem = make_problem(seed=4)
     student_hidden = problem["student_hidden"].requires_grad_(True)

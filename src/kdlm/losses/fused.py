@@ -145,7 +145,9 @@ class _FusedKD(torch.autograd.Function):
         ce_sum = torch.zeros((), dtype=torch.float32, device=device)
         aux_sums: dict[str, Tensor] = {}
         grads: dict[str, dict[str, Tensor | None]] = {}
-        kinds = ["div", "ce"] if with_ce else ["div"]
+        mix = cfg["mix"]  # (weight of the divergence, weight of CE) or None
+        # With a mix, one combined gradient buffer: two output-layer matmuls per chunk instead of four.
+        kinds = ["mix"] if mix is not None else (["div", "ce"] if with_ce else ["div"])
         if want_grad:
             for kind in kinds:
                 grads[kind] = {
@@ -187,7 +189,9 @@ class _FusedKD(torch.autograd.Function):
                 ce_sum += nll_sum
                 for key, value in aux_block.items():
                     aux_sums[key] = aux_sums.get(key, 0.0) + value
-                if want_grad:
+                if want_grad and mix is not None:
+                    torch.add(grad_div * mix[0], grad_ce, alpha=mix[1], out=grad_buffers["mix"][b_start:b_stop])
+                elif want_grad:
                     grad_buffers["div"][b_start:b_stop].copy_(grad_div)
                     if with_ce:
                         grad_buffers["ce"][b_start:b_stop].copy_(grad_ce)
@@ -219,12 +223,15 @@ class _FusedKD(torch.autograd.Function):
         aux_tensor = (torch.stack([aux_sums[k] for k in aux_sums]) if aux_sums
                       else torch.zeros(0, dtype=torch.float32, device=device))
         ctx.mark_non_differentiable(aux_tensor)
-        return div_sum, ce_sum, aux_tensor
+        mix_sum = div_sum * mix[0] + ce_sum * mix[1] if mix is not None else torch.zeros((), device=device)
+        if mix is not None:
+            ctx.mark_non_differentiable(div_sum, ce_sum)
+        return div_sum, ce_sum, aux_tensor, mix_sum
 
     @staticmethod
-    def backward(ctx: Any, grad_div: Tensor, grad_ce: Tensor, _grad_aux: Tensor):  # noqa: D102
+    def backward(ctx: Any, grad_div: Tensor, grad_ce: Tensor, _grad_aux: Tensor, grad_mix: Tensor):  # noqa: D102
         outs: dict[str, Tensor | None] = {"hidden": None, "weight": None, "bias": None}
-        scales = {"div": grad_div, "ce": grad_ce}
+        scales = {"div": grad_div, "ce": grad_ce, "mix": grad_mix}
         for kind in ctx.kinds:
             for name, value in ctx.grads.get(kind, {}).items():
                 if value is None:
@@ -264,6 +271,7 @@ def fused_kd_terms(
     teacher_softcap: float | None = None,
     chunk_size: int | None = None,
     compile: bool = False,
+    kd_ratio: float | None = None,
     **params,
 ) -> KDTerms:
     """Divergence and cross-entropy sums from hidden states and output layers, in chunks of rows.
@@ -276,7 +284,13 @@ def fused_kd_terms(
     (one compilation per divergence and block shape; same values to float32 rounding).
     Returns :class:`KDTerms`; ``divergence_sum`` and ``ce_sum`` are differentiable with respect to the
     student hidden states, weight and bias; the teacher inputs are constants.
+
+    With ``kd_ratio`` = r (needs ``labels``) the result also holds ``loss_sum`` = (1 − r)·ce_sum + r·divergence_sum,
+    the only differentiable output then (``divergence_sum``/``ce_sum`` are returned detached, for logging): its
+    gradient is formed as one combined logit gradient per chunk, saving two of the six output-layer matmuls.
     """
+    if kd_ratio is not None and labels is None:
+        raise ValueError("fused_kd_terms: kd_ratio mixes in cross-entropy, so it needs labels")
     fn, full_params = resolve_divergence(divergence, params)
     if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
         raise ValueError("fused_kd_terms expects hidden states flattened to [N, H]")
@@ -308,19 +322,22 @@ def fused_kd_terms(
         "teacher_softcap": teacher_softcap,
         "want_grad": torch.is_grad_enabled() and any(need.values()),
         "compile": bool(compile),
+        "mix": None if kd_ratio is None else (float(kd_ratio), 1.0 - float(kd_ratio)),
         "block_rows": max(1, _COMPILED_BLOCK_ELEMENTS // max(student_weight.shape[0], 1)) if compile
         else max(1, _BLOCK_ELEMENTS // max(student_weight.shape[0], 1)),
         **need,
     }
     if cfg["chunk_size"] < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
-    div_sum, ce_sum, aux_tensor = _FusedKD.apply(
+    div_sum, ce_sum, aux_tensor, mix_sum = _FusedKD.apply(
         student_hidden, student_weight, student_bias,
         teacher_hidden.detach(), teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
         rows, mask_rows, labels_rows, cfg,
     )
     aux = {key: aux_tensor[i] for i, key in enumerate(cfg["aux_keys"])}
     ce_count = (labels.reshape(-1) != -100).sum() if labels is not None else torch.zeros_like(count)
+    if kd_ratio is not None:
+        return KDTerms(div_sum.detach(), ce_sum.detach(), count, ce_count, aux, loss_sum=mix_sum)
     return KDTerms(div_sum, ce_sum, count, ce_count, aux)
 
 

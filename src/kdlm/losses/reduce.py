@@ -27,6 +27,7 @@ class KDTerms:
     ce_count: number of valid labels (int64, 0-dim).
     aux: detached float32 0-dim sums over masked tokens of per-token diagnostics; AKL adds
         ``akl_head_weight`` and ``akl_tail_weight`` (divide by ``count`` for the mean weights).
+    loss_sum: with ``kd_ratio`` = r, the differentiable (1 − r)·ce_sum + r·divergence_sum; else None.
     """
 
     divergence_sum: Tensor
@@ -34,6 +35,7 @@ class KDTerms:
     count: Tensor
     ce_count: Tensor
     aux: dict[str, Tensor] = field(default_factory=dict)
+    loss_sum: Tensor | None = None
 
 
 def normalize(total: Tensor, count: Tensor | int, num_tokens: Tensor | int | None = None) -> Tensor:
@@ -56,9 +58,13 @@ def kd_terms(
     labels: Tensor | None = None,
     divergence: str = "fkl",
     temperature: float = 1.0,
+    *,
+    kd_ratio: float | None = None,
     **params,
 ) -> KDTerms:
     """Dense twin of :func:`kdlm.losses.fused_kd_terms`, for logits already materialised.
+
+    With ``kd_ratio`` = r (needs ``labels``), ``loss_sum`` = (1 − r)·ce_sum + r·divergence_sum.
 
     ``student_logits``/``teacher_logits`` [..., V], ``mask`` [...] (true = response token),
     ``labels`` [...] long with −100 = ignore. Per-token values are computed on masked rows only.
@@ -79,7 +85,13 @@ def kd_terms(
         ce_sum = student_logits.new_zeros((), dtype=torch.float32)
         ce_count = torch.zeros((), dtype=torch.int64, device=count.device)
     aux = {key: value.detach().float().sum() for key, value in aux_tokens.items()}
-    return KDTerms(values.sum(), ce_sum, count, ce_count, aux)
+    divergence_sum = values.sum()
+    loss_sum = None
+    if kd_ratio is not None:
+        if labels is None:
+            raise ValueError("kd_terms: kd_ratio mixes in cross-entropy, so it needs labels")
+        loss_sum = (1.0 - kd_ratio) * ce_sum + kd_ratio * divergence_sum
+    return KDTerms(divergence_sum, ce_sum, count, ce_count, aux, loss_sum=loss_sum)
 
 
 def distill_loss(

@@ -148,6 +148,7 @@ class _KD:
                 labels=targets,
                 chunk_size=cfg.chunk_size,
                 compile=cfg.compile,
+                kd_ratio=cfg.kd_ratio,
                 **self.params,
             )
         else:
@@ -158,8 +159,9 @@ class _KD:
                 labels=targets,
                 divergence=cfg.divergence,
                 temperature=cfg.temperature,
+                kd_ratio=cfg.kd_ratio,
                 **self.params,
             )
-        loss_sum = (1.0 - cfg.kd_ratio) * terms.ce_sum + cfg.kd_ratio * terms.divergence_sum
+        loss_sum = terms.loss_sum  # (1 − kd_ratio)·CE + kd_ratio·D, one combined gradient on the fused path
         metrics = {"ce": float(terms.ce_sum.detach()), "kd": float(terms.divergence_sum.detach()), **{k: float(v) for k, v in terms.aux.items()}}
         return StepOutput(loss_sum, metrics)
