@@ -111,7 +111,7 @@ def random_logits(rows: int, vocab: int, seed: int, scale: float = 3.0) -> tuple
 
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 def test_matches_float64_oracle(name: str) -> None:
-    # V = 300 > AKL's top-k window, with flat rows (scale 0.1) so AKL's full-sort fallback runs too.
+    # V = 300 > AKL's top-k window, with flat rows (scale 0.1) so AKL's flat-row path (no top-64 head) runs too.
     student, teacher = random_logits(8, 300, seed=1)
     teacher[:4] *= 0.03
     values = DIVERGENCES[name](student, teacher, temperature=1.5)
@@ -255,3 +255,28 @@ def test_kd_terms_reports_akl_weights_and_ce() -> None:
     assert 0 < head.item() < 6
     torch.testing.assert_close(terms.ce_sum, token_nll(student, labels).sum())
     torch.testing.assert_close(terms.divergence_sum, DIVERGENCES["akl"](student, teacher)[mask].sum())
+
+
+@pytest.mark.parametrize("mu", [0.05, 0.5, 0.9, 1.0])
+def test_akl_head_without_sorting_matches_a_full_sort(mu: float) -> None:
+    """AKL's head search for flat rows (bins + a top-k of the crossing bin) equals sorting every row, including
+    ties, −inf (padded) teacher entries and μ = 1."""
+    from kdlm.losses.divergences import _akl_weights
+
+    gen = torch.Generator().manual_seed(5)
+    vocab = 5000
+    teacher = torch.randn(12, vocab, generator=gen) * torch.tensor([0.01, 0.1, 0.3, 1.0] * 3).unsqueeze(-1)
+    teacher[1, -300:] = -float("inf")  # padded vocabulary rows
+    student = torch.randn(12, vocab, generator=gen)
+    # Exact ties (same p, and same q, so that the order inside a tie cannot matter, as in any sort).
+    teacher[0, :2500], student[0, :2500] = teacher[0, 2500:], student[0, 2500:]
+    teacher_logp, student_logp = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
+    head_w, tail_w = _akl_weights(teacher_logp, student_logp, mu)
+    p, q = teacher_logp.exp(), student_logp.exp()
+    sorted_p, order = p.sort(dim=-1, descending=True, stable=True)
+    head = sorted_p.cumsum(-1) <= mu
+    head[:, 0] = True
+    diff = (p - q).abs().gather(-1, order)
+    g_head, g_tail = (diff * head).sum(-1), (diff * ~head).sum(-1)
+    torch.testing.assert_close(head_w, g_head / (g_head + g_tail), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tail_w, g_tail / (g_head + g_tail), rtol=1e-4, atol=1e-5)

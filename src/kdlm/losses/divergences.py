@@ -113,9 +113,41 @@ def _skew_rkl(teacher_logp: Tensor, student_logp: Tensor, alpha: float) -> Tenso
     return _kl(student_logp, _log_mixture(teacher_logp.exp(), q, 1.0 - alpha), q)
 
 
-# How many of the teacher's top tokens AKL looks at before falling back to a full sort. For LLM
-# teachers the top-64 mass is almost always above μ, so the head is found without sorting V.
+# How many of the teacher's top tokens AKL looks at first. For LLM teachers the top-64 mass is almost
+# always above μ, so the head is found in them; other rows go through _head_abs_diff (no full sort).
 _AKL_TOPK = 64
+# Value bins for _head_abs_diff, and the log-probability span they cover below the row's maximum (tokens
+# further down share the last bin, which stays exact, just possibly less selective).
+_AKL_BINS = 4096
+_AKL_SPAN = 30.0
+
+
+def _head_abs_diff(p: Tensor, teacher_logp: Tensor, abs_diff: Tensor, mu: float) -> Tensor:
+    """Σ over AKL's head of |p − q| for rows ``[r, V]``, exactly as if every row were sorted, without sorting.
+
+    Bin the tokens by log p (bin 0 = the largest p; the binning is monotone, so every token of a lower bin has a
+    larger p than every token of a higher one). Whole bins whose cumulative mass stays ≤ μ are head; only the
+    one bin where the cumulative mass crosses μ is sorted (a top-k over its few tokens) to place the boundary
+    token by token. The top-1 token is always head.
+    """
+    rows = p.shape[0]
+    hi = teacher_logp.max(-1, keepdim=True).values
+    lo = torch.maximum(teacher_logp.min(-1, keepdim=True).values, hi - _AKL_SPAN)
+    scale = _AKL_BINS / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+    bins = ((hi - teacher_logp.clamp_min(lo)) * scale).long().clamp_(0, _AKL_BINS - 1)
+    cum_mass = p.new_zeros(rows, _AKL_BINS).scatter_add_(1, bins, p).cumsum(-1)
+    cum_diff = p.new_zeros(rows, _AKL_BINS).scatter_add_(1, bins, abs_diff).cumsum(-1)
+    crossing = (cum_mass <= mu).sum(-1, keepdim=True).clamp_max(_AKL_BINS - 1)
+    has_prev = crossing > 0
+    previous = (crossing - 1).clamp_min(0)
+    base_mass = torch.where(has_prev, cum_mass.gather(-1, previous), 0.0)
+    base_diff = torch.where(has_prev, cum_diff.gather(-1, previous), 0.0).squeeze(-1)
+    in_bin = bins == crossing
+    k = int(in_bin.sum(-1).max())
+    values, index = torch.where(in_bin, p, -1.0).topk(k, dim=-1)  # the crossing bin, sorted descending
+    take = (values >= 0) & (base_mass + values.clamp_min(0).cumsum(-1) <= mu)
+    take[:, 0] |= ~has_prev.squeeze(-1)  # the top-1 token is head even when its own mass exceeds μ
+    return base_diff + (abs_diff.gather(-1, index) * take).sum(-1)
 
 
 def _akl_weights(teacher_logp: Tensor, student_logp: Tensor, mu: float) -> tuple[Tensor, Tensor]:
@@ -125,7 +157,8 @@ def _akl_weights(teacher_logp: Tensor, student_logp: Tensor, mu: float) -> tuple
     teacher mass, itself included, is ≤ μ. g = Σ |p − q| over the head / the tail, q detached.
     """
     with torch.no_grad():
-        p = teacher_logp.detach().exp()
+        teacher_logp = teacher_logp.detach()
+        p = teacher_logp.exp()
         q = student_logp.detach().exp()
         abs_diff = (p - q).abs()
         total = abs_diff.sum(-1)
@@ -133,20 +166,16 @@ def _akl_weights(teacher_logp: Tensor, student_logp: Tensor, mu: float) -> tuple
         k = min(_AKL_TOPK, vocab)
         top_p, top_idx = p.topk(k, dim=-1, sorted=True)
         cum = top_p.cumsum(-1)
-        # Rows whose head may extend beyond the top-k (top-k mass ≤ μ) are redone with a full sort.
-        incomplete = cum[..., -1] <= mu
-        if k < vocab and bool(incomplete.any()):
-            full_p, full_idx = p[incomplete].sort(dim=-1, descending=True)
-            full_head = full_p.cumsum(-1) <= mu
-            full_head[..., 0] = True
-            full_diff = abs_diff[incomplete].gather(-1, full_idx)
-            full_gh = (full_diff * full_head).sum(-1)
         head = cum <= mu
         head[..., 0] = True
         g_head = (abs_diff.gather(-1, top_idx) * head).sum(-1)
+        # Rows whose head may extend beyond the top-k (top-k mass ≤ μ) are redone over the whole vocabulary.
+        incomplete = cum[..., -1] <= mu
         if k < vocab and bool(incomplete.any()):
             g_head = g_head.clone()
-            g_head[incomplete] = full_gh
+            g_head[incomplete] = _head_abs_diff(
+                p[incomplete], teacher_logp[incomplete], abs_diff[incomplete], mu
+            )
         g_tail = (total - g_head).clamp_min(0.0)
         denom = (g_head + g_tail).clamp_min(torch.finfo(torch.float32).tiny)
         return g_head / denom, g_tail / denom
