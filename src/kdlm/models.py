@@ -234,39 +234,24 @@ class Models:
     """Rows of the output layer that are real tokens; padded rows beyond it are sliced off in every loss."""
 
 
-def load_models(cfg: Config, need_teacher: bool = True) -> Models:
+def load_models(cfg: Config) -> Models:
     """Teacher, student and tokenizer as the config says, with the tokenizer check done."""
     t, s = cfg.teacher, cfg.student
     cache = cfg.data.cache_dir
-    tokenizer = load_tokenizer(
-        t.name_or_path, gguf_file=t.gguf_file, revision=t.revision, trust_remote_code=t.trust_remote_code, cache_dir=cache
-    )
-    teacher = load_model(
-        t.name_or_path,
-        gguf_file=t.gguf_file,
-        revision=t.revision,
-        dtype=t.dtype,
-        trust_remote_code=t.trust_remote_code,
-        cache_dir=cache,
-    )
+
+    def source(spec) -> dict:  # where to load from: the same fields for teacher and pretrained student
+        return dict(gguf_file=spec.gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code, cache_dir=cache)
+
+    tokenizer = load_tokenizer(t.name_or_path, **source(t))
+    teacher = load_model(t.name_or_path, dtype=t.dtype, **source(t))
     if s.init == "prune_teacher":
         keep = s.keep_layers or default_keep_layers(teacher.config.num_hidden_layers, s.num_layers)
         log.info("student: teacher layers %s of %d", keep, teacher.config.num_hidden_layers)
         student = prune_from_teacher(teacher, keep, dtype=s.dtype)
         vocab_size = max(tokenizer.get_vocab().values()) + 1
     else:
-        student_tokenizer = load_tokenizer(
-            s.name_or_path, gguf_file=s.gguf_file, revision=s.revision, trust_remote_code=s.trust_remote_code, cache_dir=cache
-        )
-        vocab_size = check_same_tokenizer(tokenizer, student_tokenizer)
-        student = load_model(
-            s.name_or_path,
-            gguf_file=s.gguf_file,
-            revision=s.revision,
-            dtype=s.dtype,
-            trust_remote_code=s.trust_remote_code,
-            cache_dir=cache,
-        )
+        vocab_size = check_same_tokenizer(tokenizer, load_tokenizer(s.name_or_path, **source(s)))
+        student = load_model(s.name_or_path, dtype=s.dtype, **source(s))
     for name, model in (("teacher", teacher), ("student", student)):
         if output_rows(model) < vocab_size:
             raise ModelError(
