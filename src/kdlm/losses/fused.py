@@ -224,8 +224,8 @@ class _FusedKD(torch.autograd.Function):
                       else torch.zeros(0, dtype=torch.float32, device=device))
         ctx.mark_non_differentiable(aux_tensor)
         mix_sum = div_sum * mix[0] + ce_sum * mix[1] if mix is not None else torch.zeros((), device=device)
-        if mix is not None:
-            ctx.mark_non_differentiable(div_sum, ce_sum)
+        if mix is not None:  # one call: a second mark_non_differentiable replaces the first
+            ctx.mark_non_differentiable(aux_tensor, div_sum, ce_sum)
         return div_sum, ce_sum, aux_tensor, mix_sum
 
     @staticmethod

@@ -163,5 +163,5 @@ class _KD:
                 **self.params,
             )
         loss_sum = terms.loss_sum  # (1 − kd_ratio)·CE + kd_ratio·D, one combined gradient on the fused path
-        metrics = {"ce": float(terms.ce_sum.detach()), "kd": float(terms.divergence_sum.detach()), **{k: float(v) for k, v in terms.aux.items()}}
+        metrics = {"ce": float(terms.ce_sum.detach()), "kd": float(terms.divergence_sum.detach()), **{k: float(v.detach()) for k, v in terms.aux.items()}}
         return StepOutput(loss_sum, metrics)
