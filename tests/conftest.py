@@ -66,6 +66,21 @@ def save_model(folder: Path, model, tokenizer) -> Path:
     return folder
 
 
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "divergences.safetensors"
+
+
+def load_fixture_cases() -> tuple[dict[str, torch.Tensor], dict]:
+    """The golden fixture tensors and metadata; fails (never skips) when shared/fixtures is missing."""
+    if not FIXTURES.is_file():
+        pytest.fail(f"reference fixtures not found at {FIXTURES}: shared/ must sit beside the checkout")
+    from safetensors import safe_open
+
+    with safe_open(str(FIXTURES), "pt") as handle:
+        meta = json.loads(handle.metadata()["kdlm_fixture"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return tensors, meta
+
+
 QA = [
     ("What colour is the sky?", "The sky is blue."),
     ("Name a fruit.", "An apple is a fruit."),

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from conftest import load_fixture_cases
 
 from kdlm.losses import (
     DEFAULT_PARAMS,
@@ -19,23 +19,10 @@ from kdlm.losses import (
     token_nll,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "divergences.safetensors"
 DIVERGENCE_CASES = [
     "fkl", "rkl", "tvd", "skew_fkl", "skew_rkl", "jsd_beta0.0", "jsd_beta0.1", "jsd_beta0.5",
     "jsd_beta0.9", "jsd_beta1.0", "jsd_beta0.5_T2", "akl",
 ]
-
-
-def load_fixture_cases() -> tuple[dict[str, torch.Tensor], dict]:
-    """The fixture tensors and metadata; fails (never skips) when shared/fixtures is missing."""
-    if not FIXTURES.is_file():
-        pytest.fail(f"reference fixtures not found at {FIXTURES}: shared/ must sit beside the checkout")
-    from safetensors import safe_open
-
-    with safe_open(str(FIXTURES), "pt") as handle:
-        meta = json.loads(handle.metadata()["kdlm_fixture"])
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    return tensors, meta
 
 
 def case_spec(meta: dict, case: str) -> tuple[str, float, dict]:

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_fixture_cases
+
 from kdlm.losses.ranking import peak_alignment_metrics, ranking_loss, soft_rank, topk_overlap
-
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "divergences.safetensors"
-
 
 @pytest.fixture(scope="module")
 def fixture():
-    if not FIXTURE.is_file():
-        pytest.fail(f"golden fixture missing: {FIXTURE} (the shared/ folder must sit beside the repo checkout)")
-    from safetensors import safe_open
-
-    with safe_open(str(FIXTURE), "pt") as f:
-        meta = json.loads(f.metadata()["kdlm_fixture"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = load_fixture_cases()
     return meta, tensors
 
 

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import tempfile
-from pathlib import Path
 from typing import Optional
 
 import torch
