@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 
 def test_recipes_exist():
-    assert {p.stem for p in CONFIGS} >= {"sft", "fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "akl"}
+    assert {p.stem for p in CONFIGS} >= {"sft", "fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "akl", "rlkd", "akl_rlkd"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -26,5 +26,8 @@ def test_recipe_validates_and_runs(path, tiny, tmp_path):
     assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)
     if cfg.objective.name == "kd":
         assert all(m["kd"] >= 0 for m in metrics)
+    if cfg.objective.name == "rlkd":  # peak alignment logged; the rank term lies in [0, 2]
+        k = cfg.objective.rank_k
+        assert all(0 <= m[f"cr@{k}"] <= m[f"mor@{k}"] <= 1 and 0 <= m["rank"] <= 2 for m in metrics)
     if cfg.objective.divergence == "akl" and cfg.objective.name == "kd":
         assert all(abs(m["akl_head_weight"] + m["akl_tail_weight"] - 1) < 1e-4 for m in metrics)

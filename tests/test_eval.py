@@ -23,7 +23,7 @@ def test_teacher_forced_kl_is_token_weighted_mean(tiny):
     items, _ = tokenize_examples(examples, tokenizer, max_prompt_length=64, max_length=128)
     result = teacher_forced_metrics(student, teacher, items, vocab_size=vocab, pad_id=tokenizer.pad_token_id, batch_size=3)
     # Oracle: one example at a time, full logits, every response token weighted once.
-    kl_sum, ce_sum, count = 0.0, 0.0, 0
+    kl_sum, ce_sum, count, overlap_sum, same_sum = 0.0, 0.0, 0, 0.0, 0
     for item in items:
         ids = torch.tensor([item.input_ids])
         with torch.no_grad():
@@ -33,9 +33,15 @@ def test_teacher_forced_kl_is_token_weighted_mean(tiny):
         kl_sum += float(losses.fkl(s[keep], t[keep]).sum())
         ce_sum += float(torch.nn.functional.cross_entropy(s[keep], targets[keep], reduction="sum"))
         count += int(keep.sum())
+        for s_row, t_row in zip(s[keep], t[keep]):
+            s_top, t_top = s_row.topk(5).indices.tolist(), t_row.topk(5).indices.tolist()
+            overlap_sum += len(set(s_top) & set(t_top)) / 5
+            same_sum += s_top == t_top
     assert result["overall"]["tokens"] == count
     assert result["overall"]["kl"] == pytest.approx(kl_sum / count, rel=1e-4)
     assert result["overall"]["student_ce"] == pytest.approx(ce_sum / count, rel=1e-4)
+    assert result["overall"]["mor@5"] == pytest.approx(overlap_sum / count, abs=1e-6)
+    assert result["overall"]["cr@5"] == pytest.approx(same_sum / count, abs=1e-6)
     assert set(result) == {"overall", "domain/alpha", "domain/beta"}
 
 

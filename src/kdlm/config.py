@@ -125,8 +125,9 @@ class DataConfig:
 class ObjectiveConfig:
     """What the student is trained to minimise: a batch -> (loss, metrics) function."""
 
-    name: Literal["sft", "kd"] = "kd"
-    """sft: cross-entropy on the responses; kd: (1-kd_ratio)*CE + kd_ratio*divergence(teacher, student)."""
+    name: Literal["sft", "kd", "rlkd"] = "kd"
+    """sft: cross-entropy on the responses; kd: (1-kd_ratio)*CE + kd_ratio*divergence(teacher, student); rlkd: kd whose
+    per-token divergence is rank_weight*(1 - rank correlation of the top-k peaks) + divergence (RLKD, docs/losses.md)."""
     divergence: Divergence = "fkl"
     """Per-token divergence for kd (see docs/losses.md): fkl = KL(teacher||student), rkl, jsd, tvd, skew_fkl, skew_rkl, akl."""
     kd_ratio: float = 0.5
@@ -139,6 +140,14 @@ class ObjectiveConfig:
     """skew_fkl/skew_rkl only: skew alpha (default 0.1)."""
     mu: Optional[float] = None
     """akl only: head mass threshold mu (default 0.5)."""
+    rank_weight: Optional[float] = None
+    """rlkd only: weight of the ranking term (default 2.0, the paper's)."""
+    rank_k: Optional[int] = None
+    """rlkd only: top-k of teacher and student whose union is ranked (default 5; the paper uses 15 on plain text)."""
+    rank_strength: Optional[float] = None
+    """rlkd only: l2 regularisation strength of the soft rank (default 1.0)."""
+    rank_dynamic: Optional[bool] = None
+    """rlkd only: weight the divergence per token by the top-k overlap |topk(p) & topk(q)|/k (default false)."""
     fused: bool = True
     """Compute the output layer and the divergence together in chunks, never materialising all N x V logits."""
     chunk_size: int = 1024
@@ -150,9 +159,19 @@ class ObjectiveConfig:
         """The divergence's own parameters that were set (others take the divergence's defaults)."""
         return {k: getattr(self, k) for k in _PARAM_OWNERS if getattr(self, k) is not None}
 
+    def ranking_params(self) -> dict[str, object]:
+        """rlkd's ranking settings with the paper's defaults filled in (keywords of kdlm.losses.rlkd_token)."""
+        return {
+            "rank_weight": 2.0 if self.rank_weight is None else self.rank_weight,
+            "k": 5 if self.rank_k is None else self.rank_k,
+            "regularization_strength": 1.0 if self.rank_strength is None else self.rank_strength,
+            "dynamic": bool(self.rank_dynamic),
+        }
+
 
 # Which divergence owns which parameter: setting one for another divergence is a contradiction.
 _PARAM_OWNERS: dict[str, tuple[str, ...]] = {"beta": ("jsd",), "alpha": ("skew_fkl", "skew_rkl"), "mu": ("akl",)}
+_RANK_KEYS = ("rank_weight", "rank_k", "rank_strength", "rank_dynamic")
 
 
 @dataclass
@@ -245,6 +264,15 @@ def validate(cfg: Config) -> Config:
             errors.append(f"objective.{name} applies to divergence {' / '.join(owners)}, not '{o.divergence}'")
     if o.name == "sft" and o.divergence_params():
         errors.append("objective.beta/alpha/mu have no effect with objective.name=sft")
+    for key in _RANK_KEYS:
+        if o.name != "rlkd" and getattr(o, key) is not None:
+            errors.append(f"objective.{key} applies to objective.name=rlkd, not '{o.name}'")
+    if o.rank_k is not None and o.rank_k < 1:
+        errors.append(f"objective.rank_k must be >= 1, got {o.rank_k}")
+    if o.rank_weight is not None and o.rank_weight < 0:
+        errors.append(f"objective.rank_weight must be >= 0, got {o.rank_weight}")
+    if o.rank_strength is not None and not o.rank_strength > 0:
+        errors.append(f"objective.rank_strength must be > 0, got {o.rank_strength}")
     if not 0.0 <= o.kd_ratio <= 1.0:
         errors.append(f"objective.kd_ratio must be in [0, 1], got {o.kd_ratio}")
     if o.temperature <= 0:

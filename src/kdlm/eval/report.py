@@ -66,7 +66,8 @@ def format_comparison(before: dict, after: dict) -> str:
     """A small before/after table plus the samples, for the terminal and the README."""
     b, a = before["overall"], after["overall"]
     lines = ["", "| held-out metric (per response token) | before | after | change |", "|---|---|---|---|"]
-    for key, label in (("kl", "KL(teacher‖student), nats"), ("student_ce", "student cross-entropy"), ("teacher_ce", "teacher cross-entropy")):
+    for key, label in (("kl", "KL(teacher‖student), nats"), ("student_ce", "student cross-entropy"), ("teacher_ce", "teacher cross-entropy"),
+                       ("mor@5", "top-5 overlap with the teacher (MOR@5)"), ("cr@5", "same top-5 list as the teacher (CR@5)")):
         if key in b and key in a:
             change = (a[key] - b[key]) / b[key] * 100 if b[key] else float("nan")
             lines.append(f"| {label} | {b[key]:.4f} | {a[key]:.4f} | {change:+.1f}% |")

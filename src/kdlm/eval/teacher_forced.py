@@ -24,7 +24,8 @@ def teacher_forced_metrics(
     batch_size: int = 16,
 ) -> dict:
     """Mean over all held-out response tokens of KL(p_teacher ‖ q_student) (nats, τ = 1), the student's and
-    the teacher's cross-entropy on the responses, overall and per domain.
+    the teacher's cross-entropy on the responses, and the peak alignment ``cr@5``/``mor@5`` (RLKD's CR@k and
+    MOR@k, :func:`kdlm.losses.peak_alignment_metrics`), overall and per domain.
 
     Token-weighted means (every response token counts once), the quantity the demo's target is stated in.
     """
@@ -46,6 +47,8 @@ def teacher_forced_metrics(
             )
             per_token["kl"] = losses.fkl(student_logits, teacher_logits)
             per_token["teacher_ce"] = losses.token_nll(teacher_logits, targets)
+            # RLKD's peak alignment (top-5 lists equal / overlap share), for every method, not only rlkd.
+            per_token["cr@5"], per_token["mor@5"] = losses.peak_alignment_tokens(student_logits, teacher_logits, 5)
         # Which example each selected position belongs to, for per-domain sums.
         rows = mask.nonzero()[:, 0]
         for name, values in per_token.items():

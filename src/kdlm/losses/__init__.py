@@ -19,7 +19,14 @@ from kdlm.losses.divergences import (
     tvd,
 )
 from kdlm.losses.fused import fused_distill_loss, fused_kd_terms
-from kdlm.losses.ranking import peak_alignment_metrics, ranking_loss, soft_rank, topk_overlap
+from kdlm.losses.ranking import (
+    peak_alignment_metrics,
+    peak_alignment_tokens,
+    ranking_loss,
+    rlkd_token,
+    soft_rank,
+    topk_overlap,
+)
 from kdlm.losses.reduce import KDTerms, distill_loss, kd_terms, normalize
 
 __all__ = [
@@ -37,9 +44,11 @@ __all__ = [
     "log_probs",
     "normalize",
     "peak_alignment_metrics",
+    "peak_alignment_tokens",
     "ranking_loss",
     "resolve_divergence",
     "rkl",
+    "rlkd_token",
     "skew_fkl",
     "skew_rkl",
     "soft_rank",

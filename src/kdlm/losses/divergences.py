@@ -273,12 +273,19 @@ DEFAULT_PARAMS: dict[str, dict[str, float]] = {
 }
 
 
-def resolve_divergence(name: str, params: dict[str, Any]) -> tuple[Callable[..., Tensor], dict[str, Any]]:
+def resolve_divergence(
+    name: str | Callable[..., Tensor], params: dict[str, Any]
+) -> tuple[Callable[..., Tensor], dict[str, Any]]:
     """The function for ``name`` and its full parameter dict (defaults filled in).
 
+    ``name`` may also be a per-token function with the divergences' signature
+    ``fn(student_logits, teacher_logits, temperature=, aux=, **params)`` (e.g. a ``functools.partial`` of
+    :func:`kdlm.losses.rlkd_token`); it is returned as is, with ``params``.
     Raises KeyError for an unknown divergence and TypeError, naming the parameter and the divergence,
     for a parameter the divergence does not take.
     """
+    if callable(name):
+        return name, dict(params)
     if name not in DIVERGENCES:
         raise KeyError(f"unknown divergence {name!r}; choose one of {sorted(DIVERGENCES)}")
     defaults = DEFAULT_PARAMS[name]

@@ -17,7 +17,7 @@ How it works (docs/losses.md has the long version):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -259,7 +259,7 @@ def fused_kd_terms(
     teacher_hidden: Tensor,
     teacher_weight: Tensor,
     mask: Tensor,
-    divergence: str = "fkl",
+    divergence: str | Callable[..., Tensor] = "fkl",
     temperature: float = 1.0,
     *,
     labels: Tensor | None = None,
@@ -347,7 +347,7 @@ def fused_distill_loss(
     teacher_hidden: Tensor,
     teacher_weight: Tensor,
     mask: Tensor,
-    divergence: str = "fkl",
+    divergence: str | Callable[..., Tensor] = "fkl",
     temperature: float = 1.0,
     *,
     student_bias: Tensor | None = None,

@@ -36,6 +36,7 @@ Conventions (established against the golden fixture ``rank_k5``, see ``tests/tes
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,8 +44,10 @@ from torch import Tensor
 __all__ = [
     "soft_rank",
     "ranking_loss",
+    "rlkd_token",
     "topk_overlap",
     "peak_alignment_metrics",
+    "peak_alignment_tokens",
 ]
 
 _DIRECTIONS = ("ascending", "descending")
@@ -172,15 +175,41 @@ def soft_rank(values: Tensor, regularization_strength: float = 1.0, direction: s
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _union_topk(student_logits: Tensor, teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _union_topk(s_idx: Tensor, t_idx: Tensor) -> tuple[Tensor, Tensor]:
     """Per position: indices [..., 2k] of topk(teacher) followed by topk(student), and a validity mask that
     drops the student indices already in the teacher's top-k (the union without duplicates)."""
-    t_idx = teacher_logits.topk(k, dim=-1).indices
-    s_idx = student_logits.topk(k, dim=-1).indices
     dup = (s_idx.unsqueeze(-1) == t_idx.unsqueeze(-2)).any(dim=-1)
     idx = torch.cat([t_idx, s_idx], dim=-1)
     valid = torch.cat([torch.ones_like(dup), ~dup], dim=-1)
     return idx, valid
+
+
+def _union_rank_correlation(
+    student_rows: Tensor,
+    teacher_rows: Tensor,
+    k: int,
+    strength: float,
+    top: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Pearson correlation [R] (float64) of the soft ranks of student and teacher logits [R, V] restricted
+    to each row's union of top-k indices. ``top`` = (student top-k indices, teacher top-k indices) when the
+    caller already has them (the RLKD objective shares one top-k between loss, dynamic weight and metrics)."""
+    if top is None:
+        with torch.no_grad():
+            top = (student_rows.topk(k, dim=-1).indices, teacher_rows.topk(k, dim=-1).indices)
+    idx, valid = _union_topk(*top)
+    # gather only the [R, 2k] union entries (no copy of whole vocabulary rows)
+    s_u = student_rows.gather(1, idx).to(torch.float64)
+    t_u = teacher_rows.detach().gather(1, idx).to(torch.float64)
+    # move the valid entries first in each row so that padding sits at the end (what _soft_rank_rows wants)
+    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    s_u = s_u.gather(1, order)
+    t_u = t_u.gather(1, order)
+    valid = valid.gather(1, order)
+    length = valid.sum(-1)
+    r_s = _soft_rank_rows(s_u, length, strength, "ascending")
+    r_t = _soft_rank_rows(t_u, length, strength, "ascending")
+    return _masked_pearson(r_s, r_t, valid)
 
 
 def _masked_pearson(a: Tensor, b: Tensor, valid: Tensor) -> Tensor:
@@ -245,27 +274,11 @@ def ranking_loss(
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(lead)}")
         sel = mask != 0
 
-    with torch.no_grad():
-        idx, valid = _union_topk(student_logits, teacher_logits, k)
     rows = sel.reshape(-1).nonzero().squeeze(-1)
-    idx = idx.reshape(-1, 2 * k).index_select(0, rows)
-    valid = valid.reshape(-1, 2 * k).index_select(0, rows)
-    # gather only the [rows, 2k] union entries (no copy of whole vocabulary rows)
-    flat_idx = rows.unsqueeze(1) * vocab + idx
-    s_u = student_logits.reshape(-1)[flat_idx].to(torch.float64)
-    t_u = teacher_logits.reshape(-1)[flat_idx].to(torch.float64)
-
-    # move the valid entries first in each row so that padding sits at the end (what _soft_rank_rows wants)
-    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
-    s_u = s_u.gather(1, order)
-    t_u = t_u.gather(1, order)
-    valid = valid.gather(1, order)
-    length = valid.sum(-1)
-
-    eps = float(regularization_strength)
-    r_s = _soft_rank_rows(s_u, length, eps, "ascending")
-    r_t = _soft_rank_rows(t_u, length, eps, "ascending")
-    rho = _masked_pearson(r_s, r_t, valid)
+    s_rows, t_rows = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    if rows.numel() != s_rows.shape[0]:  # copy the selected rows only when some positions are masked out
+        s_rows, t_rows = s_rows.index_select(0, rows), t_rows.index_select(0, rows)
+    rho = _union_rank_correlation(s_rows, t_rows, k, float(regularization_strength))
     total = (1.0 - rho).sum()
     if num_tokens is None:
         loss = total / max(int(rows.numel()), 1)
@@ -274,6 +287,63 @@ def ranking_loss(
     else:
         loss = total / max(float(num_tokens), 1.0)
     return loss.to(out_dtype)
+
+
+def rlkd_token(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    aux: dict[str, Tensor] | None = None,
+    base: str = "fkl",
+    base_params: dict[str, Any] | None = None,
+    k: int = 5,
+    rank_weight: float = 2.0,
+    regularization_strength: float = 1.0,
+    dynamic: bool = False,
+) -> Tensor:
+    """Per-token RLKD objective (Peng & Zhang, COLING 2025, arXiv 2409.12545), shape ``[...]`` float32::
+
+        rank_weight · (1 − rho_t)  +  w_t · D_base,t
+
+    ``rho_t`` is the Pearson correlation of the soft ranks of the raw logits over the union of both top-k
+    sets (exactly the per-token term of :func:`ranking_loss`); ``D_base`` is the divergence ``base`` of
+    :data:`kdlm.losses.DIVERGENCES` at ``temperature`` with ``base_params``; ``w_t = 1``, or with
+    ``dynamic=True`` the top-k overlap ``|topk(p) ∩ topk(q)| / k`` (no gradient), the paper's dynamic variant.
+    Paper defaults: ``rank_weight = 2``, ``k = 5`` on instruction data and 15 on plain text, τ = 1.
+
+    The masked mean of this value is ``rank_weight · ranking_loss + mean(w · D_base)``. It has the signature of
+    a divergence, so the dense reducer and the fused chunked path take it as ``divergence=`` (bind the keyword
+    arguments with ``functools.partial``): the rank term is then computed from each chunk's logits. One top-k
+    per side serves the union, the dynamic weight and the peak-alignment diagnostics written to ``aux``:
+    ``rank`` (1 − rho), ``base`` (D_base), ``cr@k`` and ``mor@k`` (see :func:`peak_alignment_metrics`), plus
+    the base divergence's own diagnostics.
+    """
+    from kdlm.losses.divergences import resolve_divergence  # divergences does not import this module
+
+    base_fn, params = resolve_divergence(base, dict(base_params or {}))
+    vocab = student_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"rank k must be in [1, {vocab}], got {k}")
+    lead = student_logits.shape[:-1]
+    s_rows = student_logits.reshape(-1, vocab)
+    t_rows = teacher_logits.reshape(-1, vocab).detach()
+    with torch.no_grad():
+        s_top = s_rows.topk(k, dim=-1).indices
+        t_top = t_rows.topk(k, dim=-1).indices
+        overlap = (s_top.unsqueeze(-1) == t_top.unsqueeze(-2)).any(dim=-1).sum(dim=-1).to(torch.float32) / k
+    rho = _union_rank_correlation(s_rows, t_rows, k, float(regularization_strength), top=(s_top, t_top))
+    rank_term = (1.0 - rho).to(torch.float32)
+    base_values = base_fn(s_rows, t_rows, temperature=temperature, aux=aux, **params)
+    weighted = overlap * base_values if dynamic else base_values
+    if aux is not None:
+        aux["rank"] = rank_term.detach().reshape(lead)
+        aux["base"] = base_values.detach().reshape(lead)
+        aux[f"cr@{k}"] = (s_top == t_top).all(dim=-1).to(torch.float32).reshape(lead)
+        aux[f"mor@{k}"] = overlap.reshape(lead)
+        for key in [key for key in aux if aux[key].shape != lead]:
+            aux[key] = aux[key].reshape(lead)
+    return (rank_weight * rank_term + weighted).reshape(lead)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,6 +365,17 @@ def topk_overlap(student_logits: Tensor, teacher_logits: Tensor, k: int) -> Tens
 
 
 @torch.no_grad()
+def peak_alignment_tokens(student_logits: Tensor, teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per position ``(cr, mor)`` float32 ``[...]``: 1 where the teacher's and the student's top-k lists are
+    identical (order included) else 0, and ``|topk(p) ∩ topk(q)| / k``. See :func:`peak_alignment_metrics`."""
+    t_idx = teacher_logits.topk(k, dim=-1).indices
+    s_idx = student_logits.topk(k, dim=-1).indices
+    same = (t_idx == s_idx).all(dim=-1)
+    inter = (s_idx.unsqueeze(-1) == t_idx.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
+    return same.to(torch.float32), inter.to(torch.float32) / k
+
+
+@torch.no_grad()
 def peak_alignment_metrics(
     student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None, k: int
 ) -> dict[str, float]:
@@ -310,14 +391,7 @@ def peak_alignment_metrics(
     """
     lead = student_logits.shape[:-1]
     sel = torch.ones(lead, dtype=torch.bool, device=student_logits.device) if mask is None else mask != 0
-    t_idx = teacher_logits.topk(k, dim=-1).indices[sel]
-    s_idx = student_logits.topk(k, dim=-1).indices[sel]
-    n = t_idx.shape[0]
-    if n == 0:
+    if not bool(sel.any()):
         return {f"cr@{k}": float("nan"), f"mor@{k}": float("nan")}
-    same = (t_idx == s_idx).all(dim=-1)
-    inter = (s_idx.unsqueeze(-1) == t_idx.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
-    return {
-        f"cr@{k}": same.to(torch.float64).mean().item(),
-        f"mor@{k}": (inter.to(torch.float64) / k).mean().item(),
-    }
+    cr, mor = peak_alignment_tokens(student_logits[sel], teacher_logits[sel], k)
+    return {f"cr@{k}": cr.double().mean().item(), f"mor@{k}": mor.double().mean().item()}

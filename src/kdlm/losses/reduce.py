@@ -9,6 +9,7 @@ tokens in the whole global batch, so that summing the micro-batch losses gives t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -56,7 +57,7 @@ def kd_terms(
     teacher_logits: Tensor,
     mask: Tensor,
     labels: Tensor | None = None,
-    divergence: str = "fkl",
+    divergence: str | Callable[..., Tensor] = "fkl",
     temperature: float = 1.0,
     *,
     kd_ratio: float | None = None,
@@ -98,7 +99,7 @@ def distill_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     mask: Tensor,
-    divergence: str = "fkl",
+    divergence: str | Callable[..., Tensor] = "fkl",
     temperature: float = 1.0,
     *,
     num_tokens: Tensor | int | None = None,

@@ -8,6 +8,7 @@ output layer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -113,13 +114,23 @@ class _SFT:
 
 
 class _KD:
-    """(1 − kd_ratio)·CE + kd_ratio·D(teacher ‖ student) per response token, D any divergence of kdlm.losses."""
+    """(1 − kd_ratio)·CE + kd_ratio·D(teacher ‖ student) per response token, D any divergence of kdlm.losses.
+
+    For ``rlkd`` D is :func:`kdlm.losses.rlkd_token` around the configured divergence: the ranking term is then
+    computed chunk by chunk inside the fused loss, from the same logits, with one top-k per side.
+    """
 
     def __init__(self, cfg: ObjectiveConfig, teacher: nn.Module, vocab_size: int):
         self.cfg = cfg
         self.teacher = teacher
         self.vocab_size = vocab_size
+        self.divergence = cfg.divergence
         self.params = cfg.divergence_params()
+        if cfg.name == "rlkd":
+            self.divergence = functools.partial(
+                losses.rlkd_token, base=cfg.divergence, base_params=self.params, **cfg.ranking_params()
+            )
+            self.params = {}
 
     def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
         cfg = self.cfg
@@ -137,7 +148,7 @@ class _KD:
                 teacher_hidden,
                 t_head.weight,
                 flat_mask,
-                divergence=cfg.divergence,
+                divergence=self.divergence,
                 temperature=cfg.temperature,
                 student_bias=s_head.bias,
                 teacher_bias=t_head.bias,
@@ -157,7 +168,7 @@ class _KD:
                 t_head.logits(teacher_hidden),
                 flat_mask,
                 labels=targets,
-                divergence=cfg.divergence,
+                divergence=self.divergence,
                 temperature=cfg.temperature,
                 kd_ratio=cfg.kd_ratio,
                 **self.params,
