@@ -84,6 +84,24 @@ class GenerationConfig:
 
 
 @dataclass
+class MixingConfig:
+    """How training batches are drawn across domains (DDK, Liu et al. NeurIPS 2024; docs/data.md)."""
+
+    strategy: Literal["none", "ddk", "ddk_no_smoothing", "equal", "natural"] = "none"
+    """none: shuffled epochs over all examples; ddk: sample domains where the student lags the teacher most
+    (Eq. 1 at the start, smoothed Eq. 2 every interval); ddk_no_smoothing: Eq. 1 every interval (the paper's
+    'w/o FS'); equal: 1/N per domain; natural: proportional to domain size. All but none need a domain column."""
+    interval: int = 50
+    """Optimizer steps between two weight updates (paper: K = 1000 for long runs; scale it to the run)."""
+    alpha: float = 0.5
+    """ddk smoothing: r <- alpha * psi/sum(psi) + (1 - alpha)/N."""
+    validation: Optional[str] = None
+    """Per-domain validation data for the perplexities (same forms as data.train); default: carved from train."""
+    val_per_domain: int = 500
+    """At most this many validation examples per domain (never more than half of a domain carved from train)."""
+
+
+@dataclass
 class DataConfig:
     """Training and evaluation data."""
 
@@ -119,6 +137,8 @@ class DataConfig:
     """Where generated responses and converted GGUF models are cached. Default: $KDLM_CACHE or ~/.cache/kdlm."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Teacher generation settings."""
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    """Domain mixing of training batches (DDK)."""
 
 
 @dataclass
@@ -285,6 +305,15 @@ def validate(cfg: Config) -> Config:
         errors.append(f"objective.mu must be in (0, 1], got {o.mu}")
     if o.chunk_size < 1:
         errors.append("objective.chunk_size must be >= 1")
+    m = d.mixing
+    if m.strategy == "none" and (m.validation is not None):
+        errors.append("data.mixing.validation is only used with a data.mixing.strategy other than none")
+    if m.interval < 1:
+        errors.append(f"data.mixing.interval must be >= 1, got {m.interval}")
+    if not 0.0 <= m.alpha <= 1.0:
+        errors.append(f"data.mixing.alpha must be in [0, 1], got {m.alpha}")
+    if m.val_per_domain < 1:
+        errors.append(f"data.mixing.val_per_domain must be >= 1, got {m.val_per_domain}")
     if t.lr <= 0:
         errors.append(f"train.lr must be > 0, got {t.lr}")
     for key in ("batch_size", "grad_accum", "log_every"):

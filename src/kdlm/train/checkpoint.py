@@ -35,6 +35,8 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0
     """Micro-batches of the current epoch already consumed (by this process)."""
+    mixing: Optional[dict] = None
+    """The domain sampler's state (data.mixing), plain JSON; None with the plain epoch order."""
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

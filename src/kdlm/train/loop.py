@@ -2,8 +2,9 @@
 
 1. run directory, resolved config, logging        5. optimizer, cosine schedule, accelerate.prepare
 2. teacher, student, tokenizer check               6. resume (weights, optimizer, scheduler, RNG, data position)
-3. data: read, teacher responses, tokenise         7. the step loop: accumulate, clip, step, log, evaluate, save
-4. the objective: a batch -> (loss, metrics) fn    8. final student + before/after evaluation
+3. data: read, teacher responses, tokenise,        7. the step loop: accumulate, clip, step, log, evaluate, save
+   domain mixing (DDK) when asked for               8. final student + before/after evaluation
+4. the objective: a batch -> (loss, metrics) fn
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from kdlm.config import Config, save_resolved, to_dict
-from kdlm.data import collate, load_splits, tokenize_examples
+from kdlm.data import collate, load_splits, read_examples, tokenize_examples
 from kdlm.errors import CheckpointError, DataError
 from kdlm.eval.report import evaluate_and_report, format_comparison
 from kdlm.generation import fill_teacher_responses
 from kdlm.models import load_models
 from kdlm.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from kdlm.train.mixing import DomainMixer, write_mixing_report
 from kdlm.train.objectives import DecoderOnly, make_objective, response_positions
 
 log = logging.getLogger("kdlm")
@@ -97,6 +99,7 @@ def peak_rss_gb() -> float:
 def distill(cfg: Config) -> dict:
     """Train the student as ``cfg`` says; returns the run summary (also written to summary.json)."""
     from accelerate import Accelerator
+    from accelerate.utils import broadcast
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -151,6 +154,19 @@ def distill(cfg: Config) -> dict:
     log.info(eval_counts.summary("eval data"))
     if not train_items:
         raise DataError(f"{cfg.data.train}: no training example left ({train_counts.summary('train data')})")
+    mixer = None
+    if cfg.data.mixing.strategy != "none":
+        validation_items = None
+        if cfg.data.mixing.validation is not None:
+            validation_examples, val_has_responses = read_examples(cfg.data.mixing.validation, cfg.data)
+            if not val_has_responses:
+                with accelerator.main_process_first():
+                    fill_teacher_responses(cfg, teacher, tokenizer, validation_examples, "mixing-validation")
+            validation_items, _ = tok(validation_examples)
+        # Replaces the epoch order: each optimizer step's examples are drawn by domain weights.
+        mixer = DomainMixer(cfg, train_items, validation_items, teacher=teacher, vocab_size=vocab_size,
+                            pad_id=tokenizer.pad_token_id, num_processes=accelerator.num_processes,
+                            process_index=accelerator.process_index)
 
     # 4. The objective.
     objective = make_objective(cfg.objective, teacher, vocab_size)
@@ -164,6 +180,8 @@ def distill(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum)
+    if mixer is not None:
+        steps_per_epoch = max(1, len(mixer.train_items) // mixer.sampler.per_step)
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it per process).
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.train.warmup_ratio * total_steps), total_steps)
@@ -173,6 +191,10 @@ def distill(cfg: Config) -> dict:
     state = TrainState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, student_lm, optimizer, scheduler)
+        if mixer is not None:
+            if state.mixing is None:
+                raise CheckpointError(f"{resume_from}: no domain-sampler state, but data.mixing.strategy is {cfg.data.mixing.strategy}")
+            mixer.load_state_dict(state.mixing)
 
     summary: dict = {"data": {"train": vars(train_counts), "eval": vars(eval_counts)}, "total_steps": total_steps}
     evaluate = partial(
@@ -190,7 +212,11 @@ def distill(cfg: Config) -> dict:
     window_tokens_seen, window_time = 0, time.time()
     student.train()
     while state.step < total_steps:
-        window = [next(batches) for _ in range(cfg.train.grad_accum)]
+        mixing_stats: dict[str, float] = {}
+        if mixer is not None:  # DDK & co.: this step's examples by domain weights (re-weighted every interval)
+            window, mixing_stats = mixer.window(state.step, student_lm, accelerator.device, partial(broadcast, from_process=0))
+        else:
+            window = [next(batches) for _ in range(cfg.train.grad_accum)]
         # The denominator of the loss: response tokens of the whole optimizer step, over every process.
         local_tokens = sum(int(response_positions(b)[0].sum()) for b in window)
         global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
@@ -219,6 +245,7 @@ def distill(cfg: Config) -> dict:
         record = {"step": state.step, "epoch": state.epoch, "loss": float(totals[0]) / max(global_tokens, 1)}
         record.update({k: float(v) / max(global_tokens, 1) for k, v in zip(step_sums, totals[1:].tolist())})
         record.update({"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "response_tokens": global_tokens})
+        record.update(mixing_stats)
         bar.update(1)
         if state.step % cfg.train.log_every == 0 or state.step == total_steps:
             elapsed = time.time() - window_time
@@ -232,6 +259,7 @@ def distill(cfg: Config) -> dict:
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps and eval_items:
             evaluate(student_lm, tag=f"step{state.step}", samples=False)
         if cfg.train.save_every and state.step % cfg.train.save_every == 0:
+            state.mixing = mixer.state_dict() if mixer is not None else None
             save_checkpoint(run_dir, state, accelerator, student_lm, optimizer, scheduler, cfg.train.save_total_limit)
     bar.close()
 
@@ -241,6 +269,8 @@ def distill(cfg: Config) -> dict:
         tokenizer.save_pretrained(run_dir / "final")
     if cfg.eval.enabled and eval_items:
         summary["after"] = evaluate(student_lm, tag="after")
+    if mixer is not None and accelerator.is_main_process:
+        summary["mixing"] = write_mixing_report(mixer.history, run_dir)
     summary["wall_s"] = time.time() - started
     summary["peak_rss_gb"] = peak_rss_gb()
     if accelerator.is_main_process:
