@@ -113,7 +113,8 @@ def tokenize_examples(
 
 
 def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch. ``labels`` are -100 on prompt and padding."""
+    """Right-pad a batch. ``labels`` are -100 on prompt and padding; ``prompt_lengths`` [B] is each item's
+    ``prompt_length`` (on-policy sampling re-extracts the prompts from it)."""
     width = max(len(item.input_ids) for item in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
@@ -123,7 +124,8 @@ def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, :n] = torch.tensor(item.input_ids)
         labels[row, :n] = torch.tensor(item.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    prompt_lengths = torch.tensor([item.prompt_length for item in items], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "prompt_lengths": prompt_lengths}
 
 
 def domain_counts(items: list[Tokenized]) -> dict[str, int]:
