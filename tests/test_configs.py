@@ -13,13 +13,14 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 
 def test_recipes_exist():
-    assert {p.stem for p in CONFIGS} >= {"sft", "fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "akl", "rlkd", "akl_rlkd", "ddk"}
+    assert {p.stem for p in CONFIGS} >= {"sft", "fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "akl", "rlkd", "akl_rlkd", "ddk", "gkd", "dpkd", "dpkd_sequence"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_recipe_validates_and_runs(path, tiny, tmp_path):
     cfg, _ = parse_config(["--config", str(path)])
     run = tiny_config(tiny, tmp_path, **{"train.max_steps": 2, "train.log_every": 1})
+    cfg.objective.sampling.max_new_tokens = min(cfg.objective.sampling.max_new_tokens, 8)  # tiny budget
     run.objective = cfg.objective  # the recipe's objective (and domain mixing) on the tiny setup
     run.data.mixing = cfg.data.mixing
     distill(run)

@@ -98,7 +98,8 @@ class MixingConfig:
     validation: Optional[str] = None
     """Per-domain validation data for the perplexities (same forms as data.train); default: carved from train."""
     val_per_domain: int = 500
-    """At most this many validation examples per domain (never more than half of a domain carved from train)."""
+    """At most this many validation examples per domain: the first ones of data.mixing.validation, or carved
+    (seeded) from train, never more than half of a domain."""
 
 
 @dataclass
@@ -142,16 +143,34 @@ class DataConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Sampling during training (on-policy methods). Defaults: TRL GKD's."""
+
+    temperature: float = 0.9
+    """Sampling temperature (0 = greedy). The loss itself uses objective.temperature (default 1)."""
+    top_p: float = 1.0
+    """Nucleus threshold (1 = off)."""
+    top_k: int = 0
+    """Top-k filter (0 = off)."""
+    max_new_tokens: int = 128
+    """Longest sampled response; it is also capped by data.max_length."""
+
+
+@dataclass
 class ObjectiveConfig:
     """What the student is trained to minimise: a batch -> (loss, metrics) function."""
 
-    name: Literal["sft", "kd", "rlkd"] = "kd"
+    name: Literal["sft", "kd", "rlkd", "gkd", "dpkd"] = "kd"
     """sft: cross-entropy on the responses; kd: (1-kd_ratio)*CE + kd_ratio*divergence(teacher, student); rlkd: kd whose
-    per-token divergence is rank_weight*(1 - rank correlation of the top-k peaks) + divergence (RLKD, docs/losses.md)."""
-    divergence: Divergence = "fkl"
-    """Per-token divergence for kd (see docs/losses.md): fkl = KL(teacher||student), rkl, jsd, tvd, skew_fkl, skew_rkl, akl."""
-    kd_ratio: float = 0.5
-    """Weight of the divergence against cross-entropy (MiniLLM family default 0.5; 1.0 = pure distillation)."""
+    per-token divergence is rank_weight*(1 - rank correlation of the top-k peaks) + divergence (RLKD); gkd: kd on
+    responses the student samples itself with probability lmbda per step (GKD); dpkd: the teacher as DPO's reference
+    model (DPKD). docs/methods.md has each method's formula and settings."""
+    divergence: Optional[Divergence] = None
+    """Per-token divergence (docs/losses.md): fkl = KL(teacher||student), rkl, jsd, tvd, skew_fkl, skew_rkl, akl.
+    Default: jsd for gkd (GKD's generalized JSD, beta 0.5), fkl otherwise."""
+    kd_ratio: Optional[float] = None
+    """Weight of the distillation term against cross-entropy: (1-kd_ratio)*CE + kd_ratio*D. Default 0.5 (the
+    MiniLLM-family and DPKD reference value); 1.0 for gkd (no CE term in GKD)."""
     temperature: float = 1.0
     """Softmax temperature applied to both teacher and student logits in the divergence (no tau^2 factor)."""
     beta: Optional[float] = None
@@ -168,6 +187,25 @@ class ObjectiveConfig:
     """rlkd only: l2 regularisation strength of the soft rank (default 1.0)."""
     rank_dynamic: Optional[bool] = None
     """rlkd only: weight the divergence per token by the top-k overlap |topk(p) & topk(q)|/k (default false)."""
+    lmbda: Optional[float] = None
+    """gkd only: probability that a step trains on the student's own samples (default 0.5; 0 = supervised KD,
+    1 = on-policy KD). One coin per optimizer step, shared by all processes."""
+    seq_kd: Optional[bool] = None
+    """gkd only: on off-policy steps, train on responses sampled from the teacher instead of the dataset's."""
+    reward_fn: Optional[str] = None
+    """gkd only: 'module:function' taking (prompts: list[str], completions: list[str]) -> list[float]; the student
+    then maximises (1-reward_alpha)*reward - reward_alpha*divergence on its samples (docs/methods.md)."""
+    reward_alpha: Optional[float] = None
+    """gkd with reward_fn: weight alpha of the divergence against the reward (default 0.5)."""
+    dpkd_form: Optional[Literal["token", "sequence"]] = None
+    """dpkd only: token = the reference code's teacher-forced per-token preference (default); sequence = the
+    paper's Eq. 9 on a teacher response (chosen) against a student sample (rejected)."""
+    dpkd_beta: Optional[float] = None
+    """dpkd only: beta of the implicit reward beta*log(q/p) (default 0.1)."""
+    refresh_every: Optional[int] = None
+    """dpkd sequence form: resample an example's student response when it is this many steps old (default 1)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How the student (gkd, dpkd sequence form) or the teacher (gkd seq_kd) samples responses during training."""
     fused: bool = True
     """Compute the output layer and the divergence together in chunks, never materialising all N x V logits."""
     chunk_size: int = 1024
@@ -192,6 +230,8 @@ class ObjectiveConfig:
 # Which divergence owns which parameter: setting one for another divergence is a contradiction.
 _PARAM_OWNERS: dict[str, tuple[str, ...]] = {"beta": ("jsd",), "alpha": ("skew_fkl", "skew_rkl"), "mu": ("akl",)}
 _RANK_KEYS = ("rank_weight", "rank_k", "rank_strength", "rank_dynamic")
+_GKD_KEYS = ("lmbda", "seq_kd", "reward_fn", "reward_alpha")
+_DPKD_KEYS = ("dpkd_form", "dpkd_beta", "refresh_every")
 
 
 @dataclass
@@ -263,9 +303,14 @@ class Config:
 
 
 def validate(cfg: Config) -> Config:
-    """Reject contradictions between fields, naming the keys. Returns ``cfg`` unchanged."""
+    """Reject contradictions between fields, naming the keys, and fill the method-dependent defaults left unset
+    (objective.divergence and objective.kd_ratio, see their help). Returns ``cfg``."""
     s, o, t, d = cfg.student, cfg.objective, cfg.train, cfg.data
     errors: list[str] = []
+    if o.divergence is None:
+        o.divergence = "jsd" if o.name == "gkd" else "fkl"
+    if o.kd_ratio is None:
+        o.kd_ratio = 1.0 if o.name == "gkd" else 0.5
     if s.init == "pretrained":
         if not s.name_or_path:
             errors.append("student.name_or_path is required when student.init=pretrained")
@@ -284,9 +329,27 @@ def validate(cfg: Config) -> Config:
             errors.append(f"objective.{name} applies to divergence {' / '.join(owners)}, not '{o.divergence}'")
     if o.name == "sft" and o.divergence_params():
         errors.append("objective.beta/alpha/mu have no effect with objective.name=sft")
-    for key in _RANK_KEYS:
-        if o.name != "rlkd" and getattr(o, key) is not None:
-            errors.append(f"objective.{key} applies to objective.name=rlkd, not '{o.name}'")
+    for keys, method in ((_RANK_KEYS, "rlkd"), (_GKD_KEYS, "gkd"), (_DPKD_KEYS, "dpkd")):
+        for key in keys:
+            if o.name != method and getattr(o, key) is not None:
+                errors.append(f"objective.{key} applies to objective.name={method}, not '{o.name}'")
+    if o.lmbda is not None and not 0.0 <= o.lmbda <= 1.0:
+        errors.append(f"objective.lmbda must be in [0, 1], got {o.lmbda}")
+    if o.reward_alpha is not None and o.reward_fn is None:
+        errors.append("objective.reward_alpha needs objective.reward_fn")
+    if o.reward_alpha is not None and not 0.0 <= o.reward_alpha <= 1.0:
+        errors.append(f"objective.reward_alpha must be in [0, 1], got {o.reward_alpha}")
+    if o.reward_fn is not None and ":" not in o.reward_fn:
+        errors.append(f"objective.reward_fn must be 'module:function', got {o.reward_fn!r}")
+    if o.refresh_every is not None and (o.refresh_every < 1 or o.dpkd_form != "sequence"):
+        errors.append("objective.refresh_every must be >= 1 and applies to objective.dpkd_form=sequence")
+    if o.dpkd_beta is not None and not o.dpkd_beta > 0:
+        errors.append(f"objective.dpkd_beta must be > 0, got {o.dpkd_beta}")
+    if o.name == "dpkd" and o.divergence_params():
+        errors.append("objective.beta/alpha/mu have no effect with objective.name=dpkd (its beta is objective.dpkd_beta)")
+    sp = o.sampling
+    if sp.temperature < 0 or not 0.0 < sp.top_p <= 1.0 or sp.top_k < 0 or sp.max_new_tokens < 1:
+        errors.append("objective.sampling: temperature >= 0, 0 < top_p <= 1, top_k >= 0 and max_new_tokens >= 1 required")
     if o.rank_k is not None and o.rank_k < 1:
         errors.append(f"objective.rank_k must be >= 1, got {o.rank_k}")
     if o.rank_weight is not None and o.rank_weight < 0:

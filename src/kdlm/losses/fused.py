@@ -57,6 +57,7 @@ _COMPILED: dict[Any, Any] = {}
 def _block_terms(
     fn: Any, params: dict, temperature: float, s_scale: float, s_cap: float | None,
     raw: Tensor, teacher_logits: Tensor, mask: Tensor, labels: Tensor | None, want_grad: bool,
+    label_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor | None, Tensor | None]:
     """Masked sums and gradients w.r.t. the raw student logits of one block of rows.
 
@@ -68,6 +69,8 @@ def _block_terms(
         student_logits = _transform(raw, s_scale, s_cap)
         values = fn(student_logits, teacher_logits, temperature=temperature, aux=aux_tokens, **params)
         nll = token_nll(student_logits, labels) if labels is not None else None
+        if nll is not None and label_weights is not None:
+            nll = nll * label_weights
     values_sum = torch.where(mask > 0, values.detach(), 0.0).sum()
     nll_sum = nll.detach().sum() if nll is not None else torch.zeros((), device=raw.device)
     aux = {key: (value.detach() * mask).sum() for key, value in aux_tokens.items()}
@@ -81,10 +84,11 @@ def _block_terms(
 
 def _elementwise_block(
     cfg: dict, raw: Tensor, teacher_logits: Tensor, mask: Tensor, labels: Tensor | None, block: int, with_ce: bool,
+    label_weights: Tensor | None = None,
 ):
     args = (cfg["fn"], cfg["params"], cfg["temperature"], cfg["student_logit_scale"], cfg["student_softcap"])
     if not cfg["compile"]:
-        return _block_terms(*args, raw, teacher_logits, mask, labels, cfg["want_grad"])
+        return _block_terms(*args, raw, teacher_logits, mask, labels, cfg["want_grad"], label_weights)
     # Compiled: one static shape per (divergence, block); a short last block is padded with masked rows.
     rows = raw.shape[0]
     if rows < block:
@@ -94,11 +98,13 @@ def _elementwise_block(
         mask = torch.nn.functional.pad(mask, (0, pad))
         if labels is not None:
             labels = torch.nn.functional.pad(labels, (0, pad), value=-100)
-    key = (cfg["fn"], cfg["want_grad"], labels is not None)
+        if label_weights is not None:
+            label_weights = torch.nn.functional.pad(label_weights, (0, pad))
+    key = (cfg["fn"], cfg["want_grad"], labels is not None, label_weights is not None)
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(_block_terms, dynamic=False)
     values_sum, nll_sum, aux, grad_div, grad_ce = _COMPILED[key](
-        *args, raw, teacher_logits, mask, labels, cfg["want_grad"]
+        *args, raw, teacher_logits, mask, labels, cfg["want_grad"], label_weights
     )
     if rows < block:
         grad_div = None if grad_div is None else grad_div[:rows]
@@ -129,6 +135,7 @@ class _FusedKD(torch.autograd.Function):
         rows: Tensor | None,
         mask_rows: Tensor,
         labels_rows: Tensor | None,
+        weights_rows: Tensor | None,
         cfg: dict,
     ) -> tuple[Tensor, ...]:
         chunk, block = cfg["chunk_size"], cfg["block_rows"]
@@ -180,9 +187,10 @@ class _FusedKD(torch.autograd.Function):
             for b_start in range(0, size, block):
                 b_stop = min(b_start + block, size)
                 labels_block = labels_rows[start + b_start:start + b_stop] if with_ce else None
+                weights_block = None if weights_rows is None else weights_rows[start + b_start:start + b_stop]
                 result = _elementwise_block(
                     cfg, raw[b_start:b_stop], teacher_logits[b_start:b_stop],
-                    mask_chunk[b_start:b_stop], labels_block, block, with_ce,
+                    mask_chunk[b_start:b_stop], labels_block, block, with_ce, weights_block,
                 )
                 values_sum, nll_sum, aux_block, grad_div, grad_ce = result
                 div_sum += values_sum
@@ -249,7 +257,7 @@ class _FusedKD(torch.autograd.Function):
             None if grad_hidden is None else grad_hidden.to(hidden_dtype),
             None if outs["weight"] is None else outs["weight"].to(weight_dtype),
             None if outs["bias"] is None else outs["bias"].to(bias_dtype),
-            None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )
 
 
@@ -272,6 +280,7 @@ def fused_kd_terms(
     chunk_size: int | None = None,
     compile: bool = False,
     kd_ratio: float | None = None,
+    label_weights: Tensor | None = None,
     **params,
 ) -> KDTerms:
     """Divergence and cross-entropy sums from hidden states and output layers, in chunks of rows.
@@ -288,6 +297,8 @@ def fused_kd_terms(
     With ``kd_ratio`` = r (needs ``labels``) the result also holds ``loss_sum`` = (1 − r)·ce_sum + r·divergence_sum,
     the only differentiable output then (``divergence_sum``/``ce_sum`` are returned detached, for logging): its
     gradient is formed as one combined logit gradient per chunk, saving two of the six output-layer matmuls.
+    ``label_weights`` [N] (float) multiplies each token's cross-entropy: ``ce_sum = Σ w_t·(−log q(label_t))``
+    (e.g. per-sequence advantages of a policy-gradient term, GKD with a reward).
     """
     if kd_ratio is not None and labels is None:
         raise ValueError("fused_kd_terms: kd_ratio mixes in cross-entropy, so it needs labels")
@@ -302,9 +313,14 @@ def fused_kd_terms(
     count = mask.sum()
     rows = None if bool(active.all()) else active.nonzero().squeeze(-1)
     mask_rows = mask if rows is None else mask.index_select(0, rows)
-    labels_rows = None
+    labels_rows = weights_rows = None
     if labels is not None:
         labels_rows = labels.reshape(-1) if rows is None else labels.reshape(-1).index_select(0, rows)
+    if label_weights is not None:
+        if labels is None:
+            raise ValueError("fused_kd_terms: label_weights weight the cross-entropy, so they need labels")
+        flat_weights = label_weights.reshape(-1).float()
+        weights_rows = flat_weights if rows is None else flat_weights.index_select(0, rows)
     num_active = num_rows if rows is None else int(rows.numel())
     need = {
         "need_hidden": student_hidden.requires_grad,
@@ -332,7 +348,7 @@ def fused_kd_terms(
     div_sum, ce_sum, aux_tensor, mix_sum = _FusedKD.apply(
         student_hidden, student_weight, student_bias,
         teacher_hidden.detach(), teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
-        rows, mask_rows, labels_rows, cfg,
+        rows, mask_rows, labels_rows, weights_rows, cfg,
     )
     aux = {key: aux_tensor[i] for i, key in enumerate(cfg["aux_keys"])}
     ce_count = (labels.reshape(-1) != -100).sum() if labels is not None else torch.zeros_like(count)

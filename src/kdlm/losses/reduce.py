@@ -61,6 +61,7 @@ def kd_terms(
     temperature: float = 1.0,
     *,
     kd_ratio: float | None = None,
+    label_weights: Tensor | None = None,
     **params,
 ) -> KDTerms:
     """Dense twin of :func:`kdlm.losses.fused_kd_terms`, for logits already materialised.
@@ -80,7 +81,10 @@ def kd_terms(
     count = mask.sum()
     if labels is not None:
         valid = labels.reshape(-1) != -100
-        ce_sum = token_nll(student_logits.reshape(-1, vocab)[valid], labels.reshape(-1)[valid]).sum()
+        nll = token_nll(student_logits.reshape(-1, vocab)[valid], labels.reshape(-1)[valid])
+        if label_weights is not None:  # per-token weights of the cross-entropy (see fused_kd_terms)
+            nll = nll * label_weights.reshape(-1)[valid].float()
+        ce_sum = nll.sum()
         ce_count = valid.sum()
     else:
         ce_sum = student_logits.new_zeros((), dtype=torch.float32)

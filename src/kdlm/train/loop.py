@@ -169,7 +169,8 @@ def distill(cfg: Config) -> dict:
                             process_index=accelerator.process_index)
 
     # 4. The objective.
-    objective = make_objective(cfg.objective, teacher, vocab_size)
+    objective = make_objective(cfg.objective, teacher, vocab_size, tokenizer=tokenizer, max_length=cfg.data.max_length,
+                               seed=cfg.train.seed, run_dir=str(run_dir))
 
     # 5. Optimizer, schedule, accelerate.
     student = DecoderOnly(models.student)
@@ -217,8 +218,14 @@ def distill(cfg: Config) -> dict:
             window, mixing_stats = mixer.window(state.step, student_lm, accelerator.device, partial(broadcast, from_process=0))
         else:
             window = [next(batches) for _ in range(cfg.train.grad_accum)]
-        # The denominator of the loss: response tokens of the whole optimizer step, over every process.
-        local_tokens = sum(int(response_positions(b)[0].sum()) for b in window)
+        policy_stats: dict[str, float] = {}
+        if hasattr(objective, "prepare_window"):  # on-policy methods: responses sampled now (GKD, DPKD sequence)
+            window, policy_stats = objective.prepare_window(window, step=state.step, student_lm=student_lm,
+                                                            process_index=accelerator.process_index)
+        # The denominator of the loss: response tokens (or the objective's units, e.g. DPKD's pairs) of the whole
+        # optimizer step, over every process.
+        units = getattr(objective, "units", lambda b: int(response_positions(b)[0].sum()))
+        local_tokens = sum(units(b) for b in window)
         global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
         step_sums: dict[str, float] = {}
         loss_sum = 0.0
@@ -246,6 +253,7 @@ def distill(cfg: Config) -> dict:
         record.update({k: float(v) / max(global_tokens, 1) for k, v in zip(step_sums, totals[1:].tolist())})
         record.update({"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "response_tokens": global_tokens})
         record.update(mixing_stats)
+        record.update(policy_stats)
         bar.update(1)
         if state.step % cfg.train.log_every == 0 or state.step == total_steps:
             elapsed = time.time() - window_time

@@ -90,6 +90,14 @@ class DomainMixer:
             train_items = [train_items[i] for i in train_idx]
             log.info("data.mixing: %d validation examples carved from the training data (up to %d per domain)",
                      len(validation_items), mixing.val_per_domain)
+        else:  # a given validation set: its first val_per_domain examples of each domain
+            kept: dict[str, int] = {}
+            capped = []
+            for item in validation_items:
+                kept[item.domain] = kept.get(item.domain, 0) + 1
+                if kept[item.domain] <= mixing.val_per_domain:
+                    capped.append(item)
+            validation_items = capped
         self.train_items, self.validation_items = train_items, validation_items
         per_step = self.batch_size * self.grad_accum * num_processes
         self.sampler = DomainBatchSampler.from_items(train_items, per_step, seed=cfg.train.seed)

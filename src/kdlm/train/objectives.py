@@ -75,6 +75,9 @@ class StepOutput:
 
 
 Objective = Callable[[nn.Module, dict], StepOutput]
+"""An objective may also define ``prepare_window(window, *, step, student_lm, process_index) -> (window, stats)``
+(on-policy methods rewrite the step's batches with sampled responses; ``stats`` are logged as they are) and
+``units(batch) -> int`` (what the loss is averaged over; default: response tokens)."""
 
 
 def response_positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,12 +93,32 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def make_objective(cfg: ObjectiveConfig, teacher: Optional[nn.Module], vocab_size: int) -> Objective:
-    """The ``batch -> (loss, metrics)`` function for ``cfg.name``."""
+def make_objective(
+    cfg: ObjectiveConfig,
+    teacher: Optional[nn.Module],
+    vocab_size: int,
+    *,
+    tokenizer=None,
+    max_length: Optional[int] = None,
+    seed: int = 0,
+    run_dir: Optional[str] = None,
+) -> Objective:
+    """The ``batch -> (loss, metrics)`` function for ``cfg.name``.
+
+    ``tokenizer`` (stop and pad tokens, decoding for rewards), ``max_length``, ``seed`` and ``run_dir`` (sample
+    log) are needed by the sampling methods (gkd, dpkd with dpkd_form=sequence).
+    """
     if cfg.name == "sft":
         return _SFT(vocab_size)
     if teacher is None:
         raise ValueError(f"objective '{cfg.name}' needs a teacher")
+    if cfg.name in ("gkd", "dpkd") and (cfg.name == "gkd" or cfg.dpkd_form == "sequence"):
+        if tokenizer is None:
+            raise ValueError(f"objective '{cfg.name}' samples responses: make_objective needs the tokenizer")
+        from kdlm.train.onpolicy import DPKDSequence, GKD
+
+        sampler = dict(tokenizer=tokenizer, max_length=max_length, seed=seed, run_dir=run_dir)
+        return GKD(cfg, teacher, vocab_size, **sampler) if cfg.name == "gkd" else DPKDSequence(cfg, teacher, vocab_size, **sampler)
     return _KD(cfg, teacher, vocab_size)
 
 
@@ -131,10 +154,18 @@ class _KD:
                 losses.rlkd_token, base=cfg.divergence, base_params=self.params, **cfg.ranking_params()
             )
             self.params = {}
+        elif cfg.name == "dpkd":  # token form: the per-position preference loss takes the divergence's place
+            from kdlm.losses.dpkd import dpkd_token_terms
+
+            beta = 0.1 if cfg.dpkd_beta is None else cfg.dpkd_beta
+            self.divergence, self.params = functools.partial(dpkd_token_terms, beta=beta), {}
 
     def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
         cfg = self.cfg
         mask, targets = response_positions(batch)
+        # Per-token weights of the CE term (GKD with a reward: the sequence's advantage), aligned with targets.
+        ce_weights = batch["ce_weights"][:, 1:][mask] if "ce_weights" in batch else None
+        kd_ratio = batch.get("kd_ratio", cfg.kd_ratio)
         student_hidden = student(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
         with torch.no_grad():
             teacher_hidden = DecoderOnly(self.teacher)(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
@@ -159,7 +190,8 @@ class _KD:
                 labels=targets,
                 chunk_size=cfg.chunk_size,
                 compile=cfg.compile,
-                kd_ratio=cfg.kd_ratio,
+                kd_ratio=kd_ratio,
+                label_weights=ce_weights,
                 **self.params,
             )
         else:
@@ -170,7 +202,8 @@ class _KD:
                 labels=targets,
                 divergence=self.divergence,
                 temperature=cfg.temperature,
-                kd_ratio=cfg.kd_ratio,
+                kd_ratio=kd_ratio,
+                label_weights=ce_weights,
                 **self.params,
             )
         loss_sum = terms.loss_sum  # (1 − kd_ratio)·CE + kd_ratio·D, one combined gradient on the fused path
