@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 from conftest import tiny_config
 
 from kdlm.config import ConfigError
@@ -111,3 +112,26 @@ def test_dpkd_token_form_logs_margin_and_agreement(tiny, tmp_path):
     for m in _metrics(tmp_path / "run"):
         assert m["dpkd_margin"] <= 0 and 0 <= m["dpkd_top1_agreement"] <= 1
         assert m["kd"] >= 0.6931  # the token loss is at least log 2 (docs/methods.md)
+
+
+def test_distributed_ranks_sample_with_different_seeds(tiny, tmp_path):
+    """Each process samples with its own seed (same coin): rank 0 and rank 1 get different completions."""
+    from conftest import make_llama
+
+    from kdlm.data import collate, read_examples, tokenize_examples
+    from kdlm.train.objectives import make_objective
+
+    cfg = tiny_config(tiny, tmp_path, **{"objective.name": "gkd", "objective.lmbda": 1.0,
+                                         "objective.sampling.max_new_tokens": 6})
+    tokenizer = tiny["tokenizer"]
+    student = make_llama(len(tokenizer), layers=2, seed=3)
+    objective = make_objective(cfg.objective, make_llama(len(tokenizer), layers=2, seed=4), len(tokenizer),
+                               tokenizer=tokenizer, max_length=64, seed=0)
+    examples, _ = read_examples(str(tiny["train"]), cfg.data)
+    items, _ = tokenize_examples(examples[:4], tokenizer, max_prompt_length=32, max_length=64)
+    batch = collate(items, tokenizer.pad_token_id)
+    rank0, _ = objective.prepare_window([batch], step=5, student_lm=student, process_index=0)
+    again, _ = objective.prepare_window([batch], step=5, student_lm=student, process_index=0)
+    rank1, _ = objective.prepare_window([batch], step=5, student_lm=student, process_index=1)
+    assert torch.equal(rank0[0]["input_ids"], again[0]["input_ids"])
+    assert not torch.equal(rank0[0]["input_ids"], rank1[0]["input_ids"])

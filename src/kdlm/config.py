@@ -46,6 +46,26 @@ class TeacherConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters on the student (through peft): only the adapters are trained, the student's own weights stay
+    frozen. The final student is saved twice: the adapter (``final/adapter``) and the merged full model (``final/``).
+
+    QLoRA (a 4-bit quantised frozen base) is not supported: it needs bitsandbytes and CUDA, so it cannot run on
+    CPU; it is planned.
+    """
+
+    r: int = 16
+    """Rank of the low-rank update B @ A of each targeted weight."""
+    alpha: float = 32.0
+    """LoRA scaling numerator: the update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during training (0 = none)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names (or name suffixes) of the student's linear layers that get adapters, e.g. q_proj, v_proj, down_proj;
+    ["all-linear"] targets every linear layer but the output layer. The output layer itself cannot be targeted."""
+
+
+@dataclass
 class StudentConfig:
     """The student model (trained)."""
 
@@ -65,6 +85,8 @@ class StudentConfig:
     """Weights dtype of the student (master weights; see train.mixed_precision for compute)."""
     trust_remote_code: bool = False
     """Allow model code from the hub to run. Off unless you trust the repository."""
+    lora: Optional[LoRAConfig] = None
+    """Train LoRA adapters instead of the whole student (applied after pruning or loading). None: full training."""
 
 
 @dataclass
@@ -268,6 +290,9 @@ class TrainConfig:
     """Write a checkpoint every this many steps (0: only the final student)."""
     save_total_limit: int = 2
     """Keep at most this many checkpoints (oldest removed)."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient is NaN/inf is skipped (no weight changes) and logged; after this many in a
+    row training stops with an error, keeping the last good checkpoint."""
     resume: bool = False
     """Continue from the newest complete checkpoint in output_dir."""
     trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
@@ -324,6 +349,18 @@ def validate(cfg: Config) -> Config:
             errors.append("student.keep_layers must be a non-empty list of distinct layer indices")
         if s.num_layers < 1:
             errors.append("student.num_layers must be >= 1")
+    if s.lora is not None:
+        if s.lora.r < 1:
+            errors.append(f"student.lora.r must be >= 1, got {s.lora.r}")
+        if not s.lora.alpha > 0:
+            errors.append(f"student.lora.alpha must be > 0, got {s.lora.alpha}")
+        if not 0.0 <= s.lora.dropout < 1.0:
+            errors.append(f"student.lora.dropout must be in [0, 1), got {s.lora.dropout}")
+        names = s.lora.target_modules
+        if not names or any(not isinstance(n, str) or not n.strip() for n in names) or len(set(names)) != len(names):
+            errors.append(f"student.lora.target_modules must be a non-empty list of distinct module names, got {names!r}")
+        elif "all-linear" in names and len(names) > 1:
+            errors.append("student.lora.target_modules: 'all-linear' must be the only entry")
     for name, owners in _PARAM_OWNERS.items():
         if getattr(o, name) is not None and o.divergence not in owners:
             errors.append(f"objective.{name} applies to divergence {' / '.join(owners)}, not '{o.divergence}'")
@@ -377,6 +414,8 @@ def validate(cfg: Config) -> Config:
         errors.append(f"data.mixing.alpha must be in [0, 1], got {m.alpha}")
     if m.val_per_domain < 1:
         errors.append(f"data.mixing.val_per_domain must be >= 1, got {m.val_per_domain}")
+    if t.max_nonfinite_steps < 1:
+        errors.append(f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     if t.lr <= 0:
         errors.append(f"train.lr must be > 0, got {t.lr}")
     for key in ("batch_size", "grad_accum", "log_every"):

@@ -15,3 +15,7 @@ class ModelError(KdlmError):
 
 class CheckpointError(KdlmError):
     """A checkpoint is missing, incomplete, or does not match the run."""
+
+
+class TrainingError(KdlmError):
+    """Training cannot go on (e.g. non-finite losses or gradients several steps in a row)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -68,7 +69,12 @@ def save_checkpoint(run_dir: Path, state: TrainState, accelerator, student_lm, o
     save_file(_rng_state(), tmp / f"rng-rank{rank}.safetensors")
     (tmp / f"rng-rank{rank}.json").write_text(json.dumps(_python_rng()))
     if accelerator.is_main_process:
-        student_lm.save_pretrained(tmp / "student", safe_serialization=True)
+        from kdlm.models import is_peft_model
+
+        if is_peft_model(student_lm):  # LoRA: the adapter only (the frozen base is rebuilt from the config)
+            student_lm.save_pretrained(tmp / "student", safe_serialization=True, save_embedding_layers=False)
+        else:
+            student_lm.save_pretrained(tmp / "student", safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         (tmp / "state.json").write_text(json.dumps(asdict(state)))
@@ -118,17 +124,41 @@ def load_checkpoint(path: Path, accelerator, student_lm, optimizer, scheduler) -
             "resume with the same number of processes"
         )
     rank = accelerator.process_index
-    required = ["student/model.safetensors", "optimizer.pt", "scheduler.json", "state.json",
+    from kdlm.models import is_peft_model
+
+    lora = is_peft_model(student_lm)
+    student_file = "student/adapter_model.safetensors" if lora else "student/model.safetensors"
+    required = [student_file, "optimizer.pt", "scheduler.json", "state.json",
                 f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"]
     missing = [name for name in required if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}; cannot resume exactly from it")
-    weights = load_file(path / "student" / "model.safetensors")
-    result = student_lm.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"} if getattr(student_lm.config, "tie_word_embeddings", False) else set()
-    if result.unexpected_keys or set(result.missing_keys) - tied:
-        raise CheckpointError(f"{path}: student weights do not match the model ({result})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    weights = load_file(path / student_file)
+    if lora:  # the adapter only: every trainable tensor must come from the file, and nothing else may be in it
+        from peft import set_peft_model_state_dict
+
+        mismatch = f"{path / student_file}: the adapter does not match the student's LoRA layers (student.lora changed?)"
+        trainable = {name for name, param in student_lm.named_parameters() if param.requires_grad}
+        try:
+            result = set_peft_model_state_dict(student_lm, weights)
+        except RuntimeError as error:  # shapes differ, e.g. another student.lora.r
+            raise CheckpointError(f"{mismatch}: {error}") from error
+        not_loaded = sorted(trainable & set(result.missing_keys))
+        if result.unexpected_keys or not_loaded:
+            raise CheckpointError(f"{mismatch}: not in the file {not_loaded[:5]}, unknown {list(result.unexpected_keys)[:5]}")
+    else:
+        result = student_lm.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if getattr(student_lm.config, "tie_word_embeddings", False) else set()
+        if result.unexpected_keys or set(result.missing_keys) - tied:
+            raise CheckpointError(f"{path}: student weights do not match the model ({result})")
+    try:  # weights_only: tensors and plain containers only, never arbitrary pickled objects (code execution)
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path / 'optimizer.pt'}: refused to load: it holds pickled objects other than tensors and plain "
+            f"containers, which kdlm never writes (a tampered or foreign file?). Details: {error}"
+        ) from error
+    optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rng = load_file(path / f"rng-rank{rank}.safetensors")
     torch.set_rng_state(rng["torch_cpu"])

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 
 from kdlm.config import Config, save_resolved, to_dict
 from kdlm.data import collate, load_splits, read_examples, tokenize_examples
-from kdlm.errors import CheckpointError, DataError
+from kdlm.errors import CheckpointError, DataError, TrainingError
 from kdlm.eval.report import evaluate_and_report, format_comparison
 from kdlm.generation import fill_teacher_responses
 from kdlm.models import load_models
@@ -89,6 +91,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines of steps after ``step`` (written before a crash, redone after the resume)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)  # atomic: a crash here leaves the old or the new file, never half of one
 
 
 def peak_rss_gb() -> float:
@@ -192,6 +204,8 @@ def distill(cfg: Config) -> dict:
     state = TrainState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, student_lm, optimizer, scheduler)
+        if accelerator.is_main_process:
+            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         if mixer is not None:
             if state.mixing is None:
                 raise CheckpointError(f"{resume_from}: no domain-sampler state, but data.mixing.strategy is {cfg.data.mixing.strategy}")
@@ -211,6 +225,10 @@ def distill(cfg: Config) -> dict:
     bar = tqdm(total=total_steps, initial=state.step, desc="distill", unit="step",
                disable=not (cfg.train.progress and accelerator.is_main_process), dynamic_ncols=True)
     window_tokens_seen, window_time = 0, time.time()
+    nonfinite_in_a_row = 0
+    # Fault injection for the kill-and-resume test only: SIGKILL this process after N micro-batches.
+    kill_after = int(os.environ.get("KDLM_FAULT_KILL_AFTER_MICROBATCHES", "0"))
+    microbatches_done = 0
     student.train()
     while state.step < total_steps:
         mixing_stats: dict[str, float] = {}
@@ -236,26 +254,38 @@ def distill(cfg: Config) -> dict:
                 # DDP averages gradients over processes, hence the factor num_processes.
                 loss = out.loss_sum * accelerator.num_processes / max(global_tokens, 1)
             accelerator.backward(loss)
+            microbatches_done += 1
+            if kill_after and microbatches_done == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
             loss_sum += float(out.loss_sum.detach())
             for key, value in out.metrics.items():
                 step_sums[key] = step_sums.get(key, 0.0) + value
-        grad_norm = None
-        if cfg.train.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
+        # Non-finite guard: the global gradient norm (all processes, after DDP's all-reduce) and the global loss
+        # decide, so every process skips the same steps. A skipped step consumes its data but changes no weight.
+        grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm or math.inf))
+        totals = accelerator.reduce(torch.tensor([loss_sum, *step_sums.values()], device=accelerator.device), "sum")
+        finite = math.isfinite(grad_norm) and math.isfinite(float(totals[0]))
+        if finite:
+            optimizer.step()
+            scheduler.step()
+            nonfinite_in_a_row = 0
+        else:
+            nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): step skipped, no weight changed "
+                        "(%d in a row)", state.step + 1, float(totals[0]), grad_norm, nonfinite_in_a_row)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
 
         window_tokens_seen += sum(int(b["attention_mask"].sum()) for b in window) * accelerator.num_processes
-        totals = accelerator.reduce(torch.tensor([loss_sum, *step_sums.values()], device=accelerator.device), "sum")
         record = {"step": state.step, "epoch": state.epoch, "loss": float(totals[0]) / max(global_tokens, 1)}
         record.update({k: float(v) / max(global_tokens, 1) for k, v in zip(step_sums, totals[1:].tolist())})
         record.update({"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "response_tokens": global_tokens})
+        if not finite:
+            record["skipped_nonfinite"] = 1
         record.update(mixing_stats)
         record.update(policy_stats)
         bar.update(1)
-        if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+        if state.step % cfg.train.log_every == 0 or state.step == total_steps or not finite:
             elapsed = time.time() - window_time
             record["tokens_per_s"] = window_tokens_seen / max(elapsed, 1e-9)
             window_tokens_seen, window_time = 0, time.time()
@@ -264,6 +294,14 @@ def distill(cfg: Config) -> dict:
                 with metrics_file.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
             accelerator.log(record, step=state.step)
+        if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+            last_good = latest_checkpoint(run_dir)
+            raise TrainingError(
+                f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last: step "
+                f"{state.step}); stopped. Weights are those of the last finite step; the newest complete checkpoint is "
+                f"{last_good or 'none (set train.save_every)'}. Lower train.lr, set train.max_grad_norm, use "
+                "train.mixed_precision bf16 instead of fp16, or check the data."
+            )
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps and eval_items:
             evaluate(student_lm, tag=f"step{state.step}", samples=False)
         if cfg.train.save_every and state.step % cfg.train.save_every == 0:
