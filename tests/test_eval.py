@@ -51,11 +51,44 @@ def test_eval_command(tiny, tmp_path, capsys):
     capsys.readouterr()
     code = main(["eval", "--teacher.name_or_path", str(tiny["teacher"]), "--data.train", str(tiny["train"]),
                  "--data.eval", str(tiny["eval"]), "--student.num_layers", "2", "--eval.num_samples", "2",
-                 "--eval.max_new_tokens", "4", "--model", str(tmp_path / "run" / "final")])
+                 "--eval.max_new_tokens", "4", "--eval.gen_max_new_tokens", "6",
+                 "--model", str(tmp_path / "run" / "final")])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["overall"]["kl"] > 0 and len(printed["samples"]) == 2
-    assert (tmp_path / "run" / "eval_final.json").is_file()
+    assert printed["overall"]["kl"] > 0 and set(printed["generation"]) >= {"rouge_l", "exact_match", "self_bleu"}
+    saved = json.loads((tmp_path / "run" / "eval_final.json").read_text())
+    assert len(saved["samples"]) == 2
+    # The text metrics agree with rouge-score run here on the saved predictions (an independent computation).
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "predictions_final.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["seed"] is None for r in rows)
+    expected = sum(100 * scorer.score(r["reference"], r["prediction"])["rougeL"].fmeasure for r in rows) / len(rows)
+    assert saved["generation"]["mean"]["overall"]["rouge_l"] == pytest.approx(expected, abs=1e-9)
+    alpha = [r for r in rows if r["domain"] == "alpha"]
+    expected_alpha = sum(100 * scorer.score(r["reference"], r["prediction"])["rougeL"].fmeasure for r in alpha) / len(alpha)
+    assert saved["generation"]["mean"]["domains"]["alpha"]["rouge_l"] == pytest.approx(expected_alpha, abs=1e-9)
+
+
+def test_eval_sampling_protocol_reports_mean_and_std_over_seeds(tiny, tmp_path, capsys):
+    cfg = tiny_config(tiny, tmp_path, **{"train.max_steps": 1})
+    distill(cfg)
+    args = ["eval", "--teacher.name_or_path", str(tiny["teacher"]), "--data.train", str(tiny["train"]),
+            "--data.eval", str(tiny["eval"]), "--student.num_layers", "2", "--eval.num_samples", "0",
+            "--eval.decoding", "sample", "--eval.seeds", "[1, 2, 1]", "--eval.gen_max_new_tokens", "8",
+            "--model", str(tmp_path / "run" / "final")]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "run" / "eval_final.json").read_text())["generation"]
+    runs = [run["overall"]["distinct_1"] for run in saved["per_seed"]]
+    assert len(runs) == 3 and runs[0] == runs[2]  # same seed, same samples
+    rows = [json.loads(x) for x in (tmp_path / "run" / "predictions_final.jsonl").read_text().splitlines()]
+    by_seed = {seed: [r["prediction"] for r in rows if r["seed"] == seed] for seed in (1, 2)}
+    assert len(rows) == 12 and by_seed[1][:4] == by_seed[1][4:] and by_seed[1][:4] != by_seed[2]
+    import statistics
+
+    assert saved["mean"]["overall"]["distinct_1"] == pytest.approx(statistics.mean(runs))
+    assert saved["std"]["overall"]["distinct_1"] == pytest.approx(statistics.stdev(runs))
 
 
 def test_eval_command_without_model_is_a_clear_error(tiny, tmp_path, capsys):

@@ -313,6 +313,13 @@ class EvalConfig:
     """Length of the sample generations."""
     batch_size: int = 16
     """Examples per evaluation batch."""
+    decoding: Literal["greedy", "sample"] = "greedy"
+    """kdlm eval's generations for the text metrics: greedy, or sample (MiniLLM protocol: temperature 1, top_k 0,
+    top_p 1, one run per seed, mean and std reported)."""
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30])
+    """Sampling seeds for decoding=sample (MiniLLM uses 10, 20, 30, 40, 50)."""
+    gen_max_new_tokens: int = 256
+    """Longest generation for kdlm eval's text metrics (MiniLLM: 512)."""
 
 
 @dataclass
@@ -414,6 +421,10 @@ def validate(cfg: Config) -> Config:
         errors.append(f"data.mixing.alpha must be in [0, 1], got {m.alpha}")
     if m.val_per_domain < 1:
         errors.append(f"data.mixing.val_per_domain must be >= 1, got {m.val_per_domain}")
+    if cfg.eval.decoding == "sample" and not cfg.eval.seeds:
+        errors.append("eval.seeds must list at least one seed when eval.decoding=sample")
+    if cfg.eval.gen_max_new_tokens < 1:
+        errors.append("eval.gen_max_new_tokens must be >= 1")
     if t.max_nonfinite_steps < 1:
         errors.append(f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     if t.lr <= 0:

@@ -1,4 +1,9 @@
-"""``kdlm eval``: teacher-forced metrics and samples for a trained student on the held-out data."""
+"""``kdlm eval``: teacher-forced metrics, and text metrics of the student's generations, on the held-out data.
+
+Writes, next to the evaluated model: ``eval_<name>.json`` (teacher-forced KL / cross-entropies / peak alignment per
+domain, and ``generation``: ROUGE-L, exact match, distinct-1/2, self-BLEU and length per domain and overall, per
+seed and as mean ± std) and ``predictions_<name>.jsonl`` (one line per prompt and seed).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,10 @@ from typing import Optional
 from kdlm.config import Config
 from kdlm.data import load_splits, tokenize_examples
 from kdlm.errors import ModelError
+from kdlm.data import render_prompt
+from kdlm.eval.metrics import mean_std, score_texts
 from kdlm.eval.report import evaluate_and_report
-from kdlm.generation import fill_teacher_responses
+from kdlm.generation import fill_teacher_responses, generate
 from kdlm.models import load_models
 
 log = logging.getLogger("kdlm")
@@ -43,5 +50,51 @@ def evaluate_command(cfg: Config, model_path: Optional[str] = None) -> dict:
         models.student, tag=path.name, cfg=cfg, teacher=models.teacher, tokenizer=models.tokenizer,
         vocab_size=models.vocab_size, eval_items=items, eval_examples=eval_examples, run_dir=path.parent,
     )
-    print(json.dumps({"overall": result["overall"], "samples": result.get("samples", [])}, indent=1))
+    result["generation"] = generation_metrics(cfg, models.student, models.tokenizer, eval_examples,
+                                              path.parent / f"predictions_{path.name}.jsonl")
+    (path.parent / f"eval_{path.name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({"overall": result["overall"], "generation": result["generation"]["mean"]["overall"]}, indent=1))
     return result
+
+
+def generation_metrics(cfg: Config, model, tokenizer, examples, predictions_file: Path) -> dict:
+    """Generate for every held-out prompt (greedy, or one sampled run per seed) and score against the references.
+
+    References are the examples' responses (the dataset's, or the teacher's when the data has none). Returns
+    ``{"decoding", "per_seed": [score_texts(...) per run], "mean": S, "std": S}`` with ``S`` shaped like
+    :func:`kdlm.eval.metrics.score_texts`'s result (std over seeds; 0 for greedy).
+    """
+    sample = cfg.eval.decoding == "sample"
+    seeds = list(cfg.eval.seeds) if sample else [0]
+    prompts = [render_prompt(tokenizer, e.messages, cfg.data.system_prompt) for e in examples]
+    references = [e.response or "" for e in examples]
+    domains = [e.domain for e in examples]
+    runs = []
+    with predictions_file.open("w") as handle:
+        for seed in seeds:
+            predictions = generate(
+                model, tokenizer, prompts, max_new_tokens=cfg.eval.gen_max_new_tokens, batch_size=cfg.eval.batch_size,
+                do_sample=sample, temperature=1.0, top_p=1.0, seed=seed,
+                desc=f"eval generation (seed {seed})" if sample else "eval generation (greedy)",
+            )
+            for example, prediction in zip(examples, predictions):
+                record = {"seed": seed if sample else None, "domain": example.domain, "origin": example.origin,
+                          "prompt": example.messages[-1]["content"], "reference": example.response, "prediction": prediction}
+                handle.write(json.dumps(record) + "\n")
+            runs.append(score_texts(predictions, references, domains))
+            log.info("eval generation%s: ROUGE-L %.2f, exact match %.2f", f" seed {seed}" if sample else "",
+                     runs[-1]["overall"]["rouge_l"], runs[-1]["overall"]["exact_match"])
+
+    def aggregate(pick) -> tuple[dict, dict]:
+        mean, std = {}, {}
+        for key in runs[0]["overall"]:
+            m, s = mean_std([pick(run)[key] for run in runs])
+            mean[key], std[key] = m, s
+        return mean, std
+
+    mean = {"overall": {}, "domains": {}}
+    std = {"overall": {}, "domains": {}}
+    mean["overall"], std["overall"] = aggregate(lambda run: run["overall"])
+    for domain in runs[0]["domains"]:
+        mean["domains"][domain], std["domains"][domain] = aggregate(lambda run, d=domain: run["domains"][d])
+    return {"decoding": cfg.eval.decoding, "seeds": seeds if sample else [], "per_seed": runs, "mean": mean, "std": std}
