@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdlm.config import DEMO_TEACHER, Config
+from kdlm.config import DEMO_TEACHER, Config, LoRAConfig
 from kdlm.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,89 @@ def output_rows(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft ``PeftModel`` (checked without importing peft: none exists before it is imported)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def _matches(module_name: str, target: str) -> bool:
+    """peft's rule for a list of target names: the module's full name or its last dotted components."""
+    return module_name == target or module_name.endswith("." + target)
+
+
+def apply_lora(model: nn.Module, lora_cfg: LoRAConfig) -> nn.Module:
+    """Wrap ``model`` in a peft ``PeftModel`` with LoRA adapters; only the adapters are left trainable.
+
+    Every name of ``lora_cfg.target_modules`` must match at least one module (a clear error otherwise, listing the
+    model's linear layers), and the output layer is refused: the fused loss reads its weight directly, so an adapter
+    on it would neither be trained nor be consistent with the merged model. The model is modified in place (its
+    targeted layers are replaced by LoRA layers) and returned wrapped.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:  # pragma: no cover - peft is a dependency
+        raise ModelError(f"student.lora needs the peft package: {err}") from None
+
+    names = [name for name, _ in model.named_modules() if name]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)})
+    targets = list(lora_cfg.target_modules)
+    unmatched = [t for t in targets if t != "all-linear" and not any(_matches(n, t) for n in names)]
+    if unmatched:
+        raise ModelError(
+            f"student.lora.target_modules: {unmatched} match no module of the student ({type(model).__name__}); "
+            f"its linear layers are named {linear[:12]}"
+        )
+    refused = {"output layer": model.get_output_embeddings()}
+    if getattr(model.config, "tie_word_embeddings", False):  # the input embeddings are then the output layer too
+        refused["input embeddings (tied to the output layer)"] = model.get_input_embeddings()
+    for what, module in refused.items():
+        hit = [n for n, m in model.named_modules() if m is module and any(_matches(n, t) for t in targets if t != "all-linear")]
+        if hit:
+            raise ModelError(
+                f"student.lora.target_modules: {hit[0]} is the student's {what}, which cannot take a LoRA adapter "
+                "(the loss uses its weight directly); target the decoder's linear layers, e.g. q_proj, v_proj"
+            )
+    peft_cfg = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as err:  # e.g. a name that matches a module of a kind LoRA does not support
+        raise ModelError(f"student.lora.target_modules {targets}: peft cannot wrap them: {err}") from None
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def save_student(student_lm: nn.Module, tokenizer, folder: Path) -> None:
+    """Write the trained student to ``folder`` so that ``AutoModelForCausalLM.from_pretrained(folder)`` loads it.
+
+    A plain model: its weights (safetensors) and the tokenizer. A LoRA student (``PeftModel``): the adapter in
+    ``folder/adapter`` (adapter_model.safetensors + adapter_config.json, for ``PeftModel.from_pretrained(base,
+    folder / "adapter")`` where base is the student before training, e.g. the pruned teacher) and, at the root,
+    the merged full model and the tokenizer. The merge is done on a copy: the model being trained is untouched
+    (the copy costs one more model's memory for the moment of saving).
+    """
+    folder = Path(folder)
+    if is_peft_model(student_lm):
+        # save_embedding_layers=False: the vocabulary is never resized, and "auto" would query the hub.
+        student_lm.save_pretrained(folder / "adapter", safe_serialization=True, save_embedding_layers=False)
+        merged = copy.deepcopy(student_lm).merge_and_unload()
+        merged.save_pretrained(folder, safe_serialization=True)
+        del merged
+    else:
+        student_lm.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
 @dataclass
 class Models:
     teacher: nn.Module
@@ -258,4 +343,14 @@ def load_models(cfg: Config) -> Models:
                 f"the {name}'s output layer has {output_rows(model)} rows but the tokenizer has {vocab_size} tokens"
             )
     teacher.eval().requires_grad_(False)
+    if s.lora is not None:
+        student = apply_lora(student, s.lora)
+        if s.init == "prune_teacher":  # the adapter's base is the pruned student, which no folder holds
+            for peft_cfg in student.peft_config.values():
+                peft_cfg.base_model_name_or_path = None
+        trainable, total = count_parameters(student)
+        log.info(
+            "student: LoRA r=%d alpha=%g on %s: %d trainable of %d parameters (%.2f%%)",
+            s.lora.r, s.lora.alpha, s.lora.target_modules, trainable, total, 100.0 * trainable / max(total, 1),
+        )
     return Models(teacher=teacher, student=student, tokenizer=tokenizer, vocab_size=vocab_size)

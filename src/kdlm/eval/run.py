@@ -37,6 +37,7 @@ def evaluate_command(cfg: Config, model_path: Optional[str] = None) -> dict:
         raise ModelError(f"{path}: no model here (expected config.json); pass --model or train first")
     cfg.student.init = "pretrained"
     cfg.student.name_or_path, cfg.student.keep_layers = str(path), None
+    cfg.student.lora = None  # final/ holds the merged model; a fresh adapter on it would be a no-op
     models = load_models(cfg)
     _, eval_examples, has_responses = load_splits(cfg.data, cfg.train.seed)
     if not has_responses:

@@ -31,7 +31,7 @@ from kdlm.data import collate, load_splits, read_examples, tokenize_examples
 from kdlm.errors import CheckpointError, DataError, TrainingError
 from kdlm.eval.report import evaluate_and_report, format_comparison
 from kdlm.generation import fill_teacher_responses
-from kdlm.models import load_models
+from kdlm.models import load_models, save_student
 from kdlm.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.train.mixing import DomainMixer, write_mixing_report
 from kdlm.train.objectives import DecoderOnly, make_objective, response_positions
@@ -188,9 +188,13 @@ def distill(cfg: Config) -> dict:
     student = DecoderOnly(models.student)
     sampler = EpochSampler(len(train_items), cfg.train.seed)
     loader = DataLoader(
-        train_items, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id)
+        train_items, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
+        # Its own generator: creating an iterator would otherwise draw from the global RNG right after a resume
+        # restored it, shifting every later dropout mask (resume would not be exact for models with dropout).
+        generator=torch.Generator(),
     )
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    trainable = [p for p in student.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum)
     if mixer is not None:
@@ -311,8 +315,7 @@ def distill(cfg: Config) -> dict:
 
     # 8. Final student and evaluation.
     if accelerator.is_main_process:
-        student_lm.save_pretrained(run_dir / "final", safe_serialization=True)
-        tokenizer.save_pretrained(run_dir / "final")
+        save_student(student_lm, tokenizer, run_dir / "final")  # LoRA: the adapter and the merged model
     if cfg.eval.enabled and eval_items:
         summary["after"] = evaluate(student_lm, tag="after")
     if mixer is not None and accelerator.is_main_process:

@@ -25,14 +25,27 @@ class DecoderOnly(nn.Module):
 
     The output layer is applied by the loss (fused with the divergence, chunk by chunk). This wrapper is the
     module handed to ``accelerator.prepare`` so data-parallel wrappers see the forward pass.
+
+    ``lm`` is a Hugging Face causal LM or a peft ``PeftModel`` around one (LoRA student). The hidden states come
+    from the causal LM's decoder (its ``base_model``, e.g. ``LlamaModel``); for a ``PeftModel`` that is the decoder
+    of the wrapped model, whose targeted layers carry the adapters (peft's own ``base_model`` is the LoRA wrapper,
+    which returns logits).
     """
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
 
+    def decoder(self) -> nn.Module:
+        from kdlm.models import is_peft_model
+
+        lm = self.lm
+        if is_peft_model(lm):
+            lm = lm.get_base_model()
+        return lm.base_model
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 @dataclass
