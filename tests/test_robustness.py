@@ -88,7 +88,7 @@ def test_malicious_pickle_in_checkpoint_is_refused(tiny, tmp_path):
     assert not marker.exists()
 
 
-def test_yaml_python_tag_is_refused(tmp_path):
+def test_yaml_python_tag_is_refused_like_a_malicious_pickle(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.yaml"
     evil.write_text(f'objective:\n  name: !!python/object/apply:os.system ["touch {marker}"]\n')
