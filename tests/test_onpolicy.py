@@ -135,3 +135,31 @@ def test_distributed_ranks_sample_with_different_seeds(tiny, tmp_path):
     rank1, _ = objective.prepare_window([batch], step=5, student_lm=student, process_index=1)
     assert torch.equal(rank0[0]["input_ids"], again[0]["input_ids"])
     assert not torch.equal(rank0[0]["input_ids"], rank1[0]["input_ids"])
+
+
+@pytest.mark.parametrize("form", ["token", "sequence"])
+def test_dpkd_plain_text_lm_term(tiny, tmp_path, form):
+    """lm_data adds lm_weight * [(1-r) CE + r FKL] on plain text; with lm_weight 0 the losses are unchanged."""
+    from conftest import write_jsonl
+
+    corpus = write_jsonl(tmp_path / "text.jsonl", [{"text": f"Plain text number {i} about cows and the sky."} for i in range(6)])
+    common = {"train.max_steps": 3, "train.log_every": 1, "objective.name": "dpkd", "objective.dpkd_form": form,
+              "objective.sampling.max_new_tokens": 4}
+    distill(tiny_config(tiny, tmp_path / "plain", **common))
+    distill(tiny_config(tiny, tmp_path / "zero", **common, **{"objective.lm_data": str(corpus), "objective.lm_weight": 0.0}))
+    distill(tiny_config(tiny, tmp_path / "lm", **common, **{"objective.lm_data": str(corpus), "objective.lm_weight": 0.5}))
+    plain, zero, lm = (_metrics(tmp_path / d / "run") for d in ("plain", "zero", "lm"))
+    assert [m["loss"] for m in zero] == pytest.approx([m["loss"] for m in plain], rel=1e-6)
+    first = lm[0]  # same weights at step 1: the difference is exactly 0.5 * the logged LM term
+    assert first["lm"] > 0 and first["loss"] == pytest.approx(plain[0]["loss"] + 0.5 * first["lm"], rel=1e-5)
+
+
+def test_plain_text_field_errors_name_the_line(tiny, tmp_path):
+    from conftest import write_jsonl
+
+    corpus = write_jsonl(tmp_path / "text.jsonl", [{"text": "ok"}, {"body": "no text field"}])
+    cfg = tiny_config(tiny, tmp_path, **{"objective.name": "dpkd", "objective.lm_data": str(corpus)})
+    from kdlm.errors import DataError
+
+    with pytest.raises(DataError, match=r"text.jsonl:2: expected a JSON object with a string field 'text'"):
+        distill(cfg)

@@ -224,6 +224,11 @@ class ObjectiveConfig:
     paper's Eq. 9 on a teacher response (chosen) against a student sample (rejected)."""
     dpkd_beta: Optional[float] = None
     """dpkd only: beta of the implicit reward beta*log(q/p) (default 0.1)."""
+    lm_data: Optional[str] = None
+    """dpkd only: a plain-text corpus (JSONL/parquet/datasets folder/hub name with a 'text' column) for the LM term,
+    as in the DPKD reference: every micro-batch adds lm_weight * [(1-kd_ratio)*CE + kd_ratio*FKL] on a batch of it."""
+    lm_weight: Optional[float] = None
+    """dpkd with lm_data: weight of the plain-text LM term (default 0.5, the reference's)."""
     refresh_every: Optional[int] = None
     """dpkd sequence form: resample an example's student response when it is this many steps old (default 1)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -253,7 +258,7 @@ class ObjectiveConfig:
 _PARAM_OWNERS: dict[str, tuple[str, ...]] = {"beta": ("jsd",), "alpha": ("skew_fkl", "skew_rkl"), "mu": ("akl",)}
 _RANK_KEYS = ("rank_weight", "rank_k", "rank_strength", "rank_dynamic")
 _GKD_KEYS = ("lmbda", "seq_kd", "reward_fn", "reward_alpha")
-_DPKD_KEYS = ("dpkd_form", "dpkd_beta", "refresh_every")
+_DPKD_KEYS = ("dpkd_form", "dpkd_beta", "refresh_every", "lm_data", "lm_weight")
 
 
 @dataclass
@@ -387,6 +392,8 @@ def validate(cfg: Config) -> Config:
         errors.append(f"objective.reward_fn must be 'module:function', got {o.reward_fn!r}")
     if o.refresh_every is not None and (o.refresh_every < 1 or o.dpkd_form != "sequence"):
         errors.append("objective.refresh_every must be >= 1 and applies to objective.dpkd_form=sequence")
+    if o.lm_weight is not None and (o.lm_data is None or o.lm_weight < 0):
+        errors.append("objective.lm_weight must be >= 0 and needs objective.lm_data")
     if o.dpkd_beta is not None and not o.dpkd_beta > 0:
         errors.append(f"objective.dpkd_beta must be > 0, got {o.dpkd_beta}")
     if o.name == "dpkd" and o.divergence_params():

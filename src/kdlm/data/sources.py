@@ -177,3 +177,19 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example
     if cfg.max_eval_examples is not None:
         evaluation = evaluation[: cfg.max_eval_examples]
     return train, evaluation, has_responses
+
+
+def read_texts(source: str, field: str = "text", split: str = "train") -> list[str]:
+    """Plain texts (a ``field`` column) from a JSONL file, a parquet file, a ``save_to_disk`` folder or a hub
+    dataset, e.g. the plain-text corpus of DPKD's LM term. Errors name the file, line and field."""
+    path = Path(source)
+    records = _jsonl_records(path) if path.suffix == ".jsonl" else _dataset_records(source, split)
+    texts = []
+    for origin, record in records:
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DataError(f"{origin}: expected a JSON object with a string field '{field}'")
+        if record[field].strip():
+            texts.append(record[field])
+    if not texts:
+        raise DataError(f"{source}: no non-empty '{field}' text")
+    return texts

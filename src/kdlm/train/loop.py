@@ -182,7 +182,7 @@ def distill(cfg: Config) -> dict:
 
     # 4. The objective.
     objective = make_objective(cfg.objective, teacher, vocab_size, tokenizer=tokenizer, max_length=cfg.data.max_length,
-                               seed=cfg.train.seed, run_dir=str(run_dir))
+                               seed=cfg.train.seed, run_dir=str(run_dir), batch_size=cfg.train.batch_size)
 
     # 5. Optimizer, schedule, accelerate.
     student = DecoderOnly(models.student)

@@ -115,6 +115,7 @@ def make_objective(
     max_length: Optional[int] = None,
     seed: int = 0,
     run_dir: Optional[str] = None,
+    batch_size: int = 8,
 ) -> Objective:
     """The ``batch -> (loss, metrics)`` function for ``cfg.name``.
 
@@ -125,14 +126,24 @@ def make_objective(
         return _SFT(vocab_size)
     if teacher is None:
         raise ValueError(f"objective '{cfg.name}' needs a teacher")
+    if (cfg.name == "gkd" or cfg.dpkd_form == "sequence" or cfg.lm_data) and tokenizer is None:
+        raise ValueError(f"objective '{cfg.name}' needs the tokenizer (sampling or plain text): pass tokenizer=")
     if cfg.name in ("gkd", "dpkd") and (cfg.name == "gkd" or cfg.dpkd_form == "sequence"):
         if tokenizer is None:
             raise ValueError(f"objective '{cfg.name}' samples responses: make_objective needs the tokenizer")
         from kdlm.train.onpolicy import DPKDSequence, GKD
 
         sampler = dict(tokenizer=tokenizer, max_length=max_length, seed=seed, run_dir=run_dir)
-        return GKD(cfg, teacher, vocab_size, **sampler) if cfg.name == "gkd" else DPKDSequence(cfg, teacher, vocab_size, **sampler)
-    return _KD(cfg, teacher, vocab_size)
+        objective = GKD(cfg, teacher, vocab_size, **sampler) if cfg.name == "gkd" else DPKDSequence(cfg, teacher, vocab_size, **sampler)
+        if cfg.lm_data is not None:
+            objective.plain_text = PlainTextBatches(cfg.lm_data, tokenizer, max_length=max_length or 512,
+                                                    batch_size=batch_size, seed=seed)
+        return objective
+    objective = _KD(cfg, teacher, vocab_size)
+    if cfg.lm_data is not None:
+        objective.plain_text = PlainTextBatches(cfg.lm_data, tokenizer, max_length=max_length or 512,
+                                                batch_size=batch_size, seed=seed)
+    return objective
 
 
 class _SFT:
@@ -172,13 +183,28 @@ class _KD:
 
             beta = 0.1 if cfg.dpkd_beta is None else cfg.dpkd_beta
             self.divergence, self.params = functools.partial(dpkd_token_terms, beta=beta), {}
+        self.plain_text: Optional[PlainTextBatches] = None
+        self.lm_weight = 0.5 if cfg.lm_weight is None else cfg.lm_weight
 
     def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
+        # Per-token weights of the CE term (GKD with a reward: the sequence's advantage), aligned with targets.
+        ce_weights = batch["ce_weights"][:, 1:][response_positions(batch)[0]] if "ce_weights" in batch else None
+        terms = self.terms(student, batch, self.divergence, self.params, batch.get("kd_ratio", self.cfg.kd_ratio),
+                           ce_weights)
+        loss_sum = terms.loss_sum  # (1 − kd_ratio)·CE + kd_ratio·D, one combined gradient on the fused path
+        metrics = {"ce": float(terms.ce_sum.detach()), "kd": float(terms.divergence_sum.detach()), **{k: float(v.detach()) for k, v in terms.aux.items()}}
+        if "lm_input_ids" in batch:  # DPKD's plain-text LM term, scaled to this micro-batch's share of the units
+            lm_mean = plain_text_loss(self, student, batch)
+            units = terms.count.to(lm_mean.dtype)
+            loss_sum = loss_sum + self.lm_weight * lm_mean * units
+            metrics["lm"] = float(lm_mean.detach() * units)
+        return StepOutput(loss_sum, metrics)
+
+    def terms(self, student: nn.Module, batch: dict, divergence, params: dict, kd_ratio: float,
+              ce_weights: Optional[torch.Tensor] = None) -> "losses.KDTerms":
+        """Sums of (1 − kd_ratio)·CE + kd_ratio·D over the batch's response tokens (fused path by default)."""
         cfg = self.cfg
         mask, targets = response_positions(batch)
-        # Per-token weights of the CE term (GKD with a reward: the sequence's advantage), aligned with targets.
-        ce_weights = batch["ce_weights"][:, 1:][mask] if "ce_weights" in batch else None
-        kd_ratio = batch.get("kd_ratio", cfg.kd_ratio)
         student_hidden = student(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
         with torch.no_grad():
             teacher_hidden = DecoderOnly(self.teacher)(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
@@ -186,39 +212,58 @@ class _KD:
         t_head = OutputHead.of(self.teacher, self.vocab_size)
         flat_mask = torch.ones(student_hidden.shape[0], dtype=torch.bool, device=student_hidden.device)
         if cfg.fused:
-            terms = losses.fused_kd_terms(
-                student_hidden,
-                s_head.weight,
-                teacher_hidden,
-                t_head.weight,
-                flat_mask,
-                divergence=self.divergence,
-                temperature=cfg.temperature,
-                student_bias=s_head.bias,
-                teacher_bias=t_head.bias,
-                student_logit_scale=s_head.scale,
-                teacher_logit_scale=t_head.scale,
-                student_softcap=s_head.softcap,
-                teacher_softcap=t_head.softcap,
-                labels=targets,
-                chunk_size=cfg.chunk_size,
-                compile=cfg.compile,
-                kd_ratio=kd_ratio,
-                label_weights=ce_weights,
-                **self.params,
+            return losses.fused_kd_terms(
+                student_hidden, s_head.weight, teacher_hidden, t_head.weight, flat_mask,
+                divergence=divergence, temperature=cfg.temperature,
+                student_bias=s_head.bias, teacher_bias=t_head.bias,
+                student_logit_scale=s_head.scale, teacher_logit_scale=t_head.scale,
+                student_softcap=s_head.softcap, teacher_softcap=t_head.softcap,
+                labels=targets, chunk_size=cfg.chunk_size, compile=cfg.compile, kd_ratio=kd_ratio,
+                label_weights=ce_weights, **params,
             )
-        else:
-            terms = losses.kd_terms(
-                s_head.logits(student_hidden),
-                t_head.logits(teacher_hidden),
-                flat_mask,
-                labels=targets,
-                divergence=self.divergence,
-                temperature=cfg.temperature,
-                kd_ratio=kd_ratio,
-                label_weights=ce_weights,
-                **self.params,
-            )
-        loss_sum = terms.loss_sum  # (1 − kd_ratio)·CE + kd_ratio·D, one combined gradient on the fused path
-        metrics = {"ce": float(terms.ce_sum.detach()), "kd": float(terms.divergence_sum.detach()), **{k: float(v.detach()) for k, v in terms.aux.items()}}
-        return StepOutput(loss_sum, metrics)
+        return losses.kd_terms(
+            s_head.logits(student_hidden), t_head.logits(teacher_hidden), flat_mask, labels=targets,
+            divergence=divergence, temperature=cfg.temperature, kd_ratio=kd_ratio, label_weights=ce_weights, **params,
+        )
+
+    def prepare_window(self, window: list[dict], *, step: int, student_lm: nn.Module, process_index: int):
+        """With DPKD's ``lm_data``: attach a plain-text batch to every micro-batch (``lm_*`` keys)."""
+        if self.plain_text is not None:
+            for micro, batch in enumerate(window):
+                batch.update(self.plain_text.batch(step, process_index, micro, batch["input_ids"].device))
+        return window, {}
+
+
+class PlainTextBatches:
+    """Seeded batches of a plain-text corpus (DPKD's LM term): every token is a label, none is a prompt."""
+
+    def __init__(self, path: str, tokenizer, *, max_length: int, batch_size: int, seed: int):
+        from kdlm.data.sources import read_texts
+
+        ids = [tokenizer(text, add_special_tokens=True)["input_ids"][:max_length] for text in read_texts(path)]
+        self.sequences = [x for x in ids if len(x) >= 2]
+        if not self.sequences:
+            raise ValueError(f"objective.lm_data {path}: no text of at least two tokens")
+        self.pad_id, self.batch_size, self.seed = tokenizer.pad_token_id, batch_size, seed
+
+    def batch(self, step: int, process_index: int, micro: int, device) -> dict:
+        import random
+
+        rng = random.Random(f"{self.seed}/lm/{step}/{process_index}/{micro}")  # different per rank and micro-batch
+        picked = [self.sequences[rng.randrange(len(self.sequences))] for _ in range(self.batch_size)]
+        width = max(len(x) for x in picked)
+        input_ids = torch.full((len(picked), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(picked), width), IGNORE, dtype=torch.long)
+        attention = torch.zeros((len(picked), width), dtype=torch.long)
+        for row, seq in enumerate(picked):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, : len(seq)] = torch.tensor(seq)
+            attention[row, : len(seq)] = 1
+        return {"lm_input_ids": input_ids.to(device), "lm_labels": labels.to(device), "lm_attention_mask": attention.to(device)}
+
+
+def plain_text_loss(objective, student: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean over the plain-text batch's tokens of (1 − kd_ratio)·CE + kd_ratio·FKL (the DPKD reference's LM term)."""
+    text = {"input_ids": batch["lm_input_ids"], "labels": batch["lm_labels"], "attention_mask": batch["lm_attention_mask"]}
+    terms = _KD.terms(objective, student, text, "fkl", {}, objective.cfg.kd_ratio)
+    return terms.loss_sum / terms.count.clamp_min(1).to(terms.loss_sum.dtype)

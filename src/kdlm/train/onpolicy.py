@@ -40,7 +40,7 @@ from kdlm import losses
 from kdlm.config import ObjectiveConfig
 from kdlm.data.format import IGNORE
 from kdlm.losses.dpkd import dpkd_sequence_loss, dpkd_sequence_stats
-from kdlm.train.objectives import DecoderOnly, OutputHead, StepOutput, _KD, _unwrap, response_positions
+from kdlm.train.objectives import DecoderOnly, OutputHead, StepOutput, _KD, _unwrap, plain_text_loss
 from kdlm.train.rollout import sample_responses
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,8 @@ class DPKDSequence:
         self.beta = 0.1 if cfg.dpkd_beta is None else cfg.dpkd_beta
         self.refresh_every = cfg.refresh_every or 1
         self.sampler = _Sampling(cfg, tokenizer, max_length, seed, run_dir)
+        self.plain_text = None  # DPKD's plain-text LM term (objective.lm_data), set by make_objective
+        self.lm_weight = 0.5 if cfg.lm_weight is None else cfg.lm_weight
         # prompt tokens -> (step sampled, completion tokens incl. stop); stale after refresh_every steps
         self._rejected: dict[tuple[int, ...], tuple[int, list[int]]] = {}
 
@@ -204,6 +206,8 @@ class DPKDSequence:
                         fresh += 1
             rejected = self._rejected_batch(batch, keys)
             out.append({**batch, **{f"rejected_{k}": v for k, v in rejected.items()}})
+            if self.plain_text is not None:
+                out[-1].update(self.plain_text.batch(step, process_index, micro, batch["input_ids"].device))
         self.sampler.keep_samples({k[len("rejected_"):]: v for k, v in out[0].items() if k.startswith("rejected_")},
                                   step, "student", process_index)
         return out, {"dpkd/resampled": float(fresh)}
@@ -248,4 +252,8 @@ class DPKDSequence:
         stats = dpkd_sequence_stats(*args, beta=self.beta)
         metrics = {"dpkd": float(preference.detach()), "ce": float(ce.detach()),
                    **{k: v * pairs for k, v in stats.as_dict().items()}}
+        if "lm_input_ids" in batch:  # plain-text LM term, per pair
+            lm_mean = plain_text_loss(self, student, batch)
+            loss_sum = loss_sum + self.lm_weight * lm_mean * pairs
+            metrics["lm"] = float(lm_mean.detach() * pairs)
         return StepOutput(loss_sum, metrics)
