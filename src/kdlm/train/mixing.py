@@ -208,7 +208,8 @@ def write_mixing_report(history: list[dict[str, Any]], run_dir: Path) -> dict[st
             axes[0][1].plot(steps, [r[f"ddk/ratio/{name}"] for r in history], marker="o", label=name)
     axes[0][0].set(title="domain sampling weight", xlabel="optimizer step", ylabel="weight")
     if has_ratio:
-        axes[0][1].set(title="student / teacher perplexity", xlabel="optimizer step", ylabel="ratio")
+        axes[0][1].set(title="student / teacher perplexity", xlabel="optimizer step", ylabel="ratio (log scale)",
+                       yscale="log")  # ratios span orders of magnitude early in training
     axes[0][-1].legend(fontsize="small", loc="best")
     fig.tight_layout()
     fig.savefig(run_dir / "mixing.png", dpi=110)
