@@ -189,8 +189,7 @@ class _KD:
     def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
         # Per-token weights of the CE term (GKD with a reward: the sequence's advantage), aligned with targets.
         ce_weights = batch["ce_weights"][:, 1:][response_positions(batch)[0]] if "ce_weights" in batch else None
-        terms = self.terms(student, batch, self.divergence, self.params, batch.get("kd_ratio", self.cfg.kd_ratio),
-                           ce_weights)
+        terms = self.terms(student, batch, self.divergence, self.params, self.kd_ratio(batch), ce_weights)
         loss_sum = terms.loss_sum  # (1 − kd_ratio)·CE + kd_ratio·D, one combined gradient on the fused path
         metrics = {"ce": float(terms.ce_sum.detach()), "kd": float(terms.divergence_sum.detach()), **{k: float(v.detach()) for k, v in terms.aux.items()}}
         if "lm_input_ids" in batch:  # DPKD's plain-text LM term, scaled to this micro-batch's share of the units
@@ -199,6 +198,10 @@ class _KD:
             loss_sum = loss_sum + self.lm_weight * lm_mean * units
             metrics["lm"] = float(lm_mean.detach() * units)
         return StepOutput(loss_sum, metrics)
+
+    def kd_ratio(self, batch: dict) -> float:
+        """Weight of the divergence against the (weighted) CE term for this batch; GKD with a reward overrides it."""
+        return self.cfg.kd_ratio
 
     def terms(self, student: nn.Module, batch: dict, divergence, params: dict, kd_ratio: float,
               ce_weights: Optional[torch.Tensor] = None) -> "losses.KDTerms":

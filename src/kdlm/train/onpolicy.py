@@ -144,11 +144,21 @@ class GKD(_KD):
             rewards = []
             for batch in window:
                 weights, batch_rewards = self._advantages(batch, on_policy)
-                batch["ce_weights"], batch["kd_ratio"] = weights, self.reward_alpha
+                batch["ce_weights"] = weights
                 rewards += batch_rewards
             if rewards:
                 stats["gkd/reward"] = sum(rewards) / len(rewards)
         return window, stats
+
+    def kd_ratio(self, batch: dict) -> float:
+        # With a reward the CE term is the RLOO policy-gradient surrogate: mix it as (1 − α)·surrogate + α·D.
+        return self.reward_alpha if self.reward_fn is not None else self.cfg.kd_ratio
+
+    def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
+        out = super().__call__(student, batch)
+        if self.reward_fn is not None:  # the "ce" sum is the advantage-weighted surrogate here, not a cross-entropy
+            out.metrics["pg_surrogate"] = out.metrics.pop("ce")
+        return out
 
     def _advantages(self, batch: dict, on_policy: bool) -> tuple[torch.Tensor, list[float]]:
         """Per-position CE weights: the RLOO advantage of the row on its response tokens (0 off-policy)."""
