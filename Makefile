@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean chromium
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,16 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/kdlm distill
 
+# The `kdlm report` render test drives headless Chromium (Debian's package); installed here when we are root.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -qq && apt-get install -y -qq chromium; else echo "kdlm tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
+
 # Fast tier, then the slow tier (real demo model, multi-process). CI runs exactly this.
-test: $(VENV)/.installed
+test: $(VENV)/.installed chromium
 	$(PY) -m pytest -q
 	$(PY) -m pytest -q -m slow
 
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.installed chromium
 	$(PY) -m pytest -q
 
 clean:

@@ -3,6 +3,8 @@
     kdlm distill [--config run.yaml] [--train.lr 1e-4 ...] [--resume]   train a student (no arguments: the demo)
     kdlm eval    [--config run.yaml] [--model RUN_DIR/final]             evaluate a student against the teacher
     kdlm validate [--config run.yaml] [...]                              check + print the resolved config, run nothing
+    kdlm report RUN_DIR [RUN_DIR ...] [--out DIR]                        one HTML page (+ markdown twin) about runs;
+                 --out defaults to RUN_DIR/report for one run, reports/<YYYYmmdd-HHMMSS> for several
 
 ``python -m kdlm ...`` is the same, so ``accelerate launch -m kdlm distill ...`` works.
 """
@@ -17,7 +19,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from kdlm.config import Config, ConfigError, to_dict, validate
 
-COMMANDS = ("distill", "eval", "validate")
+COMMANDS = ("distill", "eval", "validate", "report")
 
 
 def build_parser(command: str) -> ArgumentParser:
@@ -71,6 +73,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(__doc__)
             return 0
     command, rest = argv[0], argv[1:]
+    if command == "report":  # takes run directories, not a config: its own small parser
+        from kdlm.report import report_main
+
+        return report_main(rest)
     if command not in COMMANDS:
         print(f"kdlm: error: unknown command '{command}'; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
