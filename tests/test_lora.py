@@ -221,8 +221,8 @@ def test_distill_trains_only_the_adapters_and_saves_adapter_and_merged(tiny, tmp
 
     captured = {}
 
-    def capturing_load_models(cfg):
-        captured["models"] = load_models(cfg)
+    def capturing_load_models(cfg, **kwargs):
+        captured["models"] = load_models(cfg, **kwargs)
         return captured["models"]
 
     monkeypatch.setattr(loop, "load_models", capturing_load_models)

@@ -3,6 +3,7 @@
     kdlm distill [--config run.yaml] [--train.lr 1e-4 ...] [--resume]   train a student (no arguments: the demo)
     kdlm eval    [--config run.yaml] [--model RUN_DIR/final]             evaluate a student against the teacher
     kdlm validate [--config run.yaml] [...]                              check + print the resolved config, run nothing
+    kdlm cache-teacher --config run.yaml --cache.dir DIR                 run the teacher once, store its sparse signal
     kdlm report RUN_DIR [RUN_DIR ...] [--out DIR]                        one HTML page (+ markdown twin) about runs;
                  --out defaults to RUN_DIR/report for one run, reports/<YYYYmmdd-HHMMSS> for several
 
@@ -19,7 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from kdlm.config import Config, ConfigError, to_dict, validate
 
-COMMANDS = ("distill", "eval", "validate", "report")
+COMMANDS = ("distill", "eval", "validate", "cache-teacher", "report")
 
 
 def build_parser(command: str) -> ArgumentParser:
@@ -103,6 +104,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from kdlm.train.loop import distill
 
             distill(cfg)
+        elif command == "cache-teacher":
+            from kdlm.cache import build_cache
+
+            _setup_cli_logging()
+            build_cache(cfg)
         else:
             from kdlm.eval.run import evaluate_command
 
@@ -111,6 +117,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kdlm {command}: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _setup_cli_logging() -> None:
+    """kdlm's log lines on stderr for commands that have no run directory of their own."""
+    import logging
+
+    logger = logging.getLogger("kdlm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

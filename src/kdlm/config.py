@@ -328,6 +328,28 @@ class EvalConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The offline teacher cache: ``kdlm cache-teacher`` writes it once, ``kdlm distill`` trains from it (docs/cache.md)."""
+
+    dir: Optional[str] = None
+    """Cache folder. cache-teacher writes it (resuming a killed run); distill with it set trains from it and never runs the teacher."""
+    mode: Literal["topk", "sampled"] = "topk"
+    """topk: the k most likely teacher tokens and the tail mass; sampled: tokens drawn from the teacher (unbiased, Sparse Logit Sampling)."""
+    k: int = 16
+    """topk: tokens stored per response token (4k + 2 bytes per token in float16)."""
+    samples: int = 12
+    """sampled: draws per response token (at most 255; 3 bytes per draw)."""
+    top: int = 0
+    """sampled: also store the teacher's top few tokens exactly and draw the samples from the rest of the distribution."""
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of the log-probabilities (ids are packed to the smallest integer type that holds the vocabulary)."""
+    shard_size: int = 256
+    """Examples per shard file: the unit of resumption after a kill."""
+    batch_size: Optional[int] = None
+    """Teacher forward batch size while caching (default train.batch_size)."""
+
+
+@dataclass
 class Config:
     """A whole kdlm run."""
 
@@ -337,6 +359,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 def validate(cfg: Config) -> Config:
@@ -454,6 +477,22 @@ def validate(cfg: Config) -> Config:
         errors.append("data.eval_fraction must be in (0, 1)")
     if d.responses == "dataset" and d.train == DEMO_DATA:
         errors.append("data.responses=dataset: the built-in demo prompts have no responses (use auto or teacher)")
+    c = cfg.cache
+    if c.k < 1 or not 1 <= c.samples <= 255 or c.top < 0 or c.shard_size < 1 or (c.batch_size is not None and c.batch_size < 1):
+        errors.append("cache: k >= 1, 1 <= samples <= 255, top >= 0, shard_size >= 1 and batch_size >= 1 required")
+    if c.dir is not None:
+        if o.name not in ("kd",):
+            errors.append(
+                f"cache.dir: training from a teacher cache works with objective.name=kd (any divergence), not "
+                f"'{o.name}' ({'it uses no teacher; unset cache.dir' if o.name == 'sft' else 'it needs the live teacher'})"
+            )
+        if c.mode == "sampled" and o.divergence in ("rkl", "akl"):
+            errors.append(
+                f"cache.mode=sampled with objective.divergence={o.divergence}: the sampled estimate has no mass outside "
+                "its draws, where KL(q||p) is infinite; use cache.mode=topk (its tail bucket) for rkl/akl"
+            )
+        if m.strategy != "none":
+            errors.append("cache.dir with data.mixing: DDK measures teacher perplexities with the live teacher; unset one of them")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     return cfg

@@ -19,3 +19,7 @@ class CheckpointError(KdlmError):
 
 class TrainingError(KdlmError):
     """Training cannot go on (e.g. non-finite losses or gradients several steps in a row)."""
+
+
+class CacheError(KdlmError):
+    """A teacher cache is missing, unfinished, torn, or was built for another run (teacher, tokenizer, lengths...)."""

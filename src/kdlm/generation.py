@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from kdlm.config import Config
 from kdlm.data.format import encode_prompt, render_prompt
 from kdlm.data.sources import Example
+from kdlm.errors import DataError
 from kdlm.models import cache_root
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,11 @@ def fill_teacher_responses(cfg: Config, teacher, tokenizer, examples: list[Examp
             for example, response in zip(examples, responses):
                 example.response = response
             return
+    if teacher is None:
+        raise DataError(
+            f"the teacher's responses for the {name} data are not cached under {path.parent}, and this run has no live "
+            "teacher (cache.dir is set): run `kdlm cache-teacher` with the same config first, it writes them"
+        )
     gen = cfg.data.generation
     responses = generate(
         teacher,

@@ -312,15 +312,19 @@ def save_student(student_lm: nn.Module, tokenizer, folder: Path) -> None:
 
 @dataclass
 class Models:
-    teacher: nn.Module
+    teacher: Optional[nn.Module]
     student: nn.Module
     tokenizer: object
     vocab_size: int
     """Rows of the output layer that are real tokens; padded rows beyond it are sliced off in every loss."""
 
 
-def load_models(cfg: Config) -> Models:
-    """Teacher, student and tokenizer as the config says, with the tokenizer check done."""
+def load_models(cfg: Config, teacher_needed: bool = True) -> Models:
+    """Teacher, student and tokenizer as the config says, with the tokenizer check done.
+
+    ``teacher_needed=False`` (training from a teacher cache): the teacher is loaded only to prune the student from
+    it and is then dropped (``Models.teacher`` is None); with a pretrained student it is never loaded.
+    """
     t, s = cfg.teacher, cfg.student
     cache = cfg.data.cache_dir
 
@@ -328,7 +332,7 @@ def load_models(cfg: Config) -> Models:
         return dict(gguf_file=spec.gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code, cache_dir=cache)
 
     tokenizer = load_tokenizer(t.name_or_path, **source(t))
-    teacher = load_model(t.name_or_path, dtype=t.dtype, **source(t))
+    teacher = load_model(t.name_or_path, dtype=t.dtype, **source(t)) if teacher_needed or s.init == "prune_teacher" else None
     if s.init == "prune_teacher":
         keep = s.keep_layers or default_keep_layers(teacher.config.num_hidden_layers, s.num_layers)
         log.info("student: teacher layers %s of %d", keep, teacher.config.num_hidden_layers)
@@ -337,12 +341,15 @@ def load_models(cfg: Config) -> Models:
     else:
         vocab_size = check_same_tokenizer(tokenizer, load_tokenizer(s.name_or_path, **source(s)))
         student = load_model(s.name_or_path, dtype=s.dtype, **source(s))
+    if not teacher_needed:
+        teacher = None  # pruned from it above; its forward never runs (the loss reads the cache)
     for name, model in (("teacher", teacher), ("student", student)):
-        if output_rows(model) < vocab_size:
+        if model is not None and output_rows(model) < vocab_size:
             raise ModelError(
                 f"the {name}'s output layer has {output_rows(model)} rows but the tokenizer has {vocab_size} tokens"
             )
-    teacher.eval().requires_grad_(False)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
     if s.lora is not None:
         student = apply_lora(student, s.lora)
         if s.init == "prune_teacher":  # the adapter's base is the pruned student, which no folder holds

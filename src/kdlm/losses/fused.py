@@ -130,7 +130,7 @@ class _FusedKD(torch.autograd.Function):
         student_weight: Tensor,
         student_bias: Tensor | None,
         teacher_hidden: Tensor,
-        teacher_weight: Tensor,
+        teacher_weight: Tensor | None,
         teacher_bias: Tensor | None,
         rows: Tensor | None,
         mask_rows: Tensor,
@@ -171,7 +171,9 @@ class _FusedKD(torch.autograd.Function):
         vocab = student_weight.shape[0]
         rows_cap = min(chunk, num_rows)
         s_buffer = torch.empty(rows_cap, vocab, dtype=student_weight.dtype, device=device)
-        t_buffer = torch.empty(rows_cap, vocab, dtype=teacher_weight.dtype, device=device)
+        # No teacher weight: the teacher rows are a per-row payload the divergence reads itself (sparse cache).
+        t_buffer = (torch.empty(rows_cap, vocab, dtype=teacher_weight.dtype, device=device)
+                    if teacher_weight is not None else None)
         grad_buffers = {kind: torch.empty(rows_cap, vocab, dtype=torch.float32, device=device)
                         for kind in kinds} if want_grad else {}
 
@@ -181,8 +183,11 @@ class _FusedKD(torch.autograd.Function):
             h_chunk = s_hidden[start:stop]
             mask_chunk = mask_rows[start:stop].to(torch.float32)
             with torch.no_grad():
-                teacher_logits = _linear_into(t_buffer[:size], t_hidden[start:stop], teacher_weight, teacher_bias)
-                teacher_logits = _transform(teacher_logits.float(), t_scale, t_cap)
+                if t_buffer is None:
+                    teacher_logits = t_hidden[start:stop]
+                else:
+                    teacher_logits = _linear_into(t_buffer[:size], t_hidden[start:stop], teacher_weight, teacher_bias)
+                    teacher_logits = _transform(teacher_logits.float(), t_scale, t_cap)
                 raw = _linear_into(s_buffer[:size], h_chunk, student_weight, student_bias).float()
             for b_start in range(0, size, block):
                 b_stop = min(b_start + block, size)
@@ -265,7 +270,7 @@ def fused_kd_terms(
     student_hidden: Tensor,
     student_weight: Tensor,
     teacher_hidden: Tensor,
-    teacher_weight: Tensor,
+    teacher_weight: Tensor | None,
     mask: Tensor,
     divergence: str | Callable[..., Tensor] = "fkl",
     temperature: float = 1.0,
@@ -299,13 +304,17 @@ def fused_kd_terms(
     gradient is formed as one combined logit gradient per chunk, saving two of the six output-layer matmuls.
     ``label_weights`` [N] (float) multiplies each token's cross-entropy: ``ce_sum = Σ w_t·(−log q(label_t))``
     (e.g. per-sequence advantages of a policy-gradient term, GKD with a reward).
+
+    ``teacher_weight=None``: ``teacher_hidden`` [N, P] is not hidden states but a per-row teacher payload that is
+    handed, chunk by chunk, to ``divergence`` in place of the teacher logits (a cached sparse teacher:
+    :func:`kdlm.losses.sparse.sparse_divergence`).
     """
     if kd_ratio is not None and labels is None:
         raise ValueError("fused_kd_terms: kd_ratio mixes in cross-entropy, so it needs labels")
     fn, full_params = resolve_divergence(divergence, params)
     if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
         raise ValueError("fused_kd_terms expects hidden states flattened to [N, H]")
-    if student_weight.shape[0] != teacher_weight.shape[0]:
+    if teacher_weight is not None and student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(f"vocabulary sizes differ: student {student_weight.shape[0]}, teacher {teacher_weight.shape[0]}")
     num_rows = student_hidden.shape[0]
     mask = mask.reshape(-1).bool()
@@ -347,7 +356,8 @@ def fused_kd_terms(
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
     div_sum, ce_sum, aux_tensor, mix_sum = _FusedKD.apply(
         student_hidden, student_weight, student_bias,
-        teacher_hidden.detach(), teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
+        teacher_hidden.detach(), None if teacher_weight is None else teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
         rows, mask_rows, labels_rows, weights_rows, cfg,
     )
     aux = {key: aux_tensor[i] for i, key in enumerate(cfg["aux_keys"])}

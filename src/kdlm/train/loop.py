@@ -143,9 +143,16 @@ def distill(cfg: Config) -> dict:
     set_seed(cfg.train.seed)
 
     # 2. Models. The tokenizer check happens inside (a mismatch is an error, padded rows are sliced later).
-    models = load_models(cfg)
+    # With a teacher cache (cache.dir) the teacher never runs: the loss reads its signal from disk.
+    models = load_models(cfg, teacher_needed=cfg.cache.dir is None)
     tokenizer, vocab_size = models.tokenizer, models.vocab_size
-    teacher = models.teacher.to(accelerator.device)
+    teacher = models.teacher.to(accelerator.device) if models.teacher is not None else None
+    teacher_cache = None
+    if cfg.cache.dir is not None:
+        from kdlm.cache import open_for_run
+
+        teacher_cache = open_for_run(cfg, tokenizer, vocab_size)  # refuses a cache built for another run
+        log.info("teacher: cached signal in %s (%s), the teacher is not run", cfg.cache.dir, teacher_cache.signal)
 
     # 3. Data: read, let the teacher write responses where the data has none (cached), tokenise with masking.
     train_examples, eval_examples, has_responses = load_splits(cfg.data, cfg.train.seed)
@@ -166,6 +173,8 @@ def distill(cfg: Config) -> dict:
     log.info(eval_counts.summary("eval data"))
     if not train_items:
         raise DataError(f"{cfg.data.train}: no training example left ({train_counts.summary('train data')})")
+    if teacher_cache is not None:
+        teacher_cache.check_items(train_items)
     mixer = None
     if cfg.data.mixing.strategy != "none":
         validation_items = None
@@ -182,7 +191,8 @@ def distill(cfg: Config) -> dict:
 
     # 4. The objective.
     objective = make_objective(cfg.objective, teacher, vocab_size, tokenizer=tokenizer, max_length=cfg.data.max_length,
-                               seed=cfg.train.seed, run_dir=str(run_dir), batch_size=cfg.train.batch_size)
+                               seed=cfg.train.seed, run_dir=str(run_dir), batch_size=cfg.train.batch_size,
+                               cache=teacher_cache)
 
     # 5. Optimizer, schedule, accelerate.
     student = DecoderOnly(models.student)

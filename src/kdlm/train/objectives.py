@@ -18,6 +18,7 @@ from torch import nn
 from kdlm import losses
 from kdlm.config import ObjectiveConfig
 from kdlm.data.format import IGNORE
+from kdlm.losses.sparse import sparse_divergence
 
 
 class DecoderOnly(nn.Module):
@@ -116,14 +117,20 @@ def make_objective(
     seed: int = 0,
     run_dir: Optional[str] = None,
     batch_size: int = 8,
+    cache=None,
 ) -> Objective:
     """The ``batch -> (loss, metrics)`` function for ``cfg.name``.
 
     ``tokenizer`` (stop and pad tokens, decoding for rewards), ``max_length``, ``seed`` and ``run_dir`` (sample
-    log) are needed by the sampling methods (gkd, dpkd with dpkd_form=sequence).
+    log) are needed by the sampling methods (gkd, dpkd with dpkd_form=sequence). With ``cache`` (a
+    :class:`kdlm.cache.TeacherCache`) objective kd reads the teacher's side from disk and ``teacher`` may be None.
     """
     if cfg.name == "sft":
         return _SFT(vocab_size)
+    if cache is not None:  # config validation allows only objective kd with a cache
+        if cfg.name != "kd":
+            raise ValueError(f"objective '{cfg.name}' cannot train from a teacher cache (it needs the live teacher)")
+        return _KD(cfg, None, vocab_size, cache=cache)
     if teacher is None:
         raise ValueError(f"objective '{cfg.name}' needs a teacher")
     if (cfg.name == "gkd" or cfg.dpkd_form == "sequence" or cfg.lm_data) and tokenizer is None:
@@ -167,9 +174,10 @@ class _KD:
     computed chunk by chunk inside the fused loss, from the same logits, with one top-k per side.
     """
 
-    def __init__(self, cfg: ObjectiveConfig, teacher: nn.Module, vocab_size: int):
+    def __init__(self, cfg: ObjectiveConfig, teacher: Optional[nn.Module], vocab_size: int, cache=None):
         self.cfg = cfg
         self.teacher = teacher
+        self.cache = cache  # a kdlm.cache.TeacherCache: the teacher side comes from disk, the teacher never runs
         self.vocab_size = vocab_size
         self.divergence = cfg.divergence
         self.params = cfg.divergence_params()
@@ -205,27 +213,38 @@ class _KD:
 
     def terms(self, student: nn.Module, batch: dict, divergence, params: dict, kd_ratio: float,
               ce_weights: Optional[torch.Tensor] = None) -> "losses.KDTerms":
-        """Sums of (1 − kd_ratio)·CE + kd_ratio·D over the batch's response tokens (fused path by default)."""
+        """Sums of (1 − kd_ratio)·CE + kd_ratio·D over the batch's response tokens (fused path by default).
+
+        The teacher side is the live teacher's hidden states and output layer, or, with a teacher cache, the
+        cached sparse signal of each token, which :func:`kdlm.losses.sparse.sparse_divergence` compares on the
+        collapsed (stored ids + tail bucket) distributions.
+        """
         cfg = self.cfg
         mask, targets = response_positions(batch)
         student_hidden = student(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
-        with torch.no_grad():
-            teacher_hidden = DecoderOnly(self.teacher)(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
         s_head = OutputHead.of(_unwrap(student).lm, self.vocab_size)
-        t_head = OutputHead.of(self.teacher, self.vocab_size)
+        cache = getattr(self, "cache", None)
+        if cache is not None:
+            teacher_rows, t_head = cache.payload(batch), None
+            divergence, params = functools.partial(sparse_divergence, base=divergence, base_params=params), {}
+        else:
+            with torch.no_grad():
+                teacher_rows = DecoderOnly(self.teacher)(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
+            t_head = OutputHead.of(self.teacher, self.vocab_size)
         flat_mask = torch.ones(student_hidden.shape[0], dtype=torch.bool, device=student_hidden.device)
         if cfg.fused:
             return losses.fused_kd_terms(
-                student_hidden, s_head.weight, teacher_hidden, t_head.weight, flat_mask,
+                student_hidden, s_head.weight, teacher_rows, None if t_head is None else t_head.weight, flat_mask,
                 divergence=divergence, temperature=cfg.temperature,
-                student_bias=s_head.bias, teacher_bias=t_head.bias,
-                student_logit_scale=s_head.scale, teacher_logit_scale=t_head.scale,
-                student_softcap=s_head.softcap, teacher_softcap=t_head.softcap,
+                student_bias=s_head.bias, teacher_bias=None if t_head is None else t_head.bias,
+                student_logit_scale=s_head.scale, teacher_logit_scale=1.0 if t_head is None else t_head.scale,
+                student_softcap=s_head.softcap, teacher_softcap=None if t_head is None else t_head.softcap,
                 labels=targets, chunk_size=cfg.chunk_size, compile=cfg.compile, kd_ratio=kd_ratio,
                 label_weights=ce_weights, **params,
             )
+        teacher_logits = teacher_rows if t_head is None else t_head.logits(teacher_rows)
         return losses.kd_terms(
-            s_head.logits(student_hidden), t_head.logits(teacher_hidden), flat_mask, labels=targets,
+            s_head.logits(student_hidden), teacher_logits, flat_mask, labels=targets,
             divergence=divergence, temperature=cfg.temperature, kd_ratio=kd_ratio, label_weights=ce_weights, **params,
         )
 
