@@ -383,7 +383,7 @@ def test_torn_missing_and_escaping_shards_are_refused(tiny, tmp_path):
         TeacherCache(folder)
 
 
-def test_missing_cache_and_config_errors(tiny, tmp_path):
+def test_missing_cache_and_config_errors(tiny, tmp_path, monkeypatch):
     cfg = _cache_cfg(tiny, tmp_path, **{"cache.dir": str(tmp_path / "nothing")})
     with pytest.raises(CacheError, match="manifest.json is missing.*kdlm cache-teacher"):
         distill(cfg)
@@ -393,6 +393,10 @@ def test_missing_cache_and_config_errors(tiny, tmp_path):
         _cache_cfg(tiny, tmp_path, **{"cache.mode": "sampled", "objective.divergence": "rkl"})
     with pytest.raises(ConfigError, match="data.mixing"):
         _cache_cfg(tiny, tmp_path, **{"data.mixing.strategy": "ddk"})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CacheError, match="one process"):
+        build_cache(_cache_cfg(tiny, tmp_path, **{"cache.dir": str(tmp_path / "multi")}))
+    assert not (tmp_path / "multi").exists()
 
 
 def test_cached_run_evaluates_without_a_teacher(tiny, tmp_path):

@@ -283,6 +283,9 @@ def build_cache(cfg: Config) -> dict:
 
     if not cfg.cache.dir:
         raise CacheError("kdlm cache-teacher needs cache.dir (the folder to write), e.g. --cache.dir runs/teacher-cache")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several writers would race on the same shard files
+        raise CacheError("kdlm cache-teacher runs in one process: start it without torchrun / accelerate launch "
+                         "(a killed run resumes shard by shard, so a long cache can be built in several sittings)")
     folder = Path(cfg.cache.dir)
     t = cfg.teacher
     source = dict(gguf_file=t.gguf_file, revision=t.revision, trust_remote_code=t.trust_remote_code, cache_dir=cfg.data.cache_dir)
