@@ -1,22 +1,24 @@
 """Method comparison on ../shared/data/t0mix: every kdlm method from one start and one budget (issue #10).
 
-Exact command of the committed CPU table (from the repository root, after `make install`; about an hour and a
-half on the reference 2-core CPU, see the timings in the JSON):
+Exact command of the committed CPU table (from the repository root, after `make install`; on the reference
+2-core CPU the 15 rows take about 50 minutes, plus about 10 minutes once for the teacher's fine-tuning, which is
+cached; per-phase timings are in the JSON):
 
     nice -n 5 .venv/bin/python benchmarks/methods.py
 
 and, on a GPU, the scaled-up matrix (bigger budget, longer sequences, bf16 autocast, the MiniLLM sampling
 protocol for the text metrics):
 
-    .venv/bin/python benchmarks/methods.py --scale gpu --out benchmarks/results/methods_gpu
+    .venv/bin/python benchmarks/methods.py --scale gpu       # writes benchmarks/results/methods_gpu.{json,md}
 
 Protocol (the papers' — MiniLLM, GKD, DPKD, AKL, RLKD — scaled down):
 
 1. **Teacher.** The demo teacher (SmolLM2-135M-Instruct) is a general chat model that answers t0mix's tasks
    verbosely, so it is first fine-tuned on t0mix train with the dataset responses (plain SFT, as MiniLLM's
    teachers are): ``kdlm distill --config configs/sft.yaml --student.init pretrained --student.name_or_path
-   builtin:smollm2-135m-instruct ...``. The result is cached in ``$KDLM_CACHE/bench/teacher_ft-<hash>``
-   (the hash covers every setting of that run) and reused by later runs.
+   <the demo teacher's plain checkpoint> ...`` (see :func:`plain_demo_teacher` for why not ``builtin:...``).
+   The result is cached in ``$KDLM_CACHE/bench/teacher_ft-<hash>`` (the hash covers every setting of that run)
+   and reused by later runs.
 2. **Start.** Every method row starts from the 9-layer student pruned from the *fine-tuned* teacher
    (``student.init: prune_teacher``), with the fine-tuned teacher as the teacher.
 3. **Training.** Same data (t0mix train, dataset responses; prompts longer than ``--max-prompt-length`` tokens
@@ -30,6 +32,11 @@ Protocol (the papers' — MiniLLM, GKD, DPKD, AKL, RLKD — scaled down):
    match per domain and overall, greedy on CPU; ``kdlm.eval.teacher_forced.teacher_forced_metrics``: per-token
    KL(fine-tuned teacher ‖ model) on the test references). Rows: the original teacher, the fine-tuned teacher,
    the untrained pruned student, and one row per method (``sft`` is the SFT-only student baseline).
+
+Cached: the fine-tuned teacher (above); its decoder's hidden states on the test batches, computed once per
+invocation for the KL of every row (:class:`MemoTeacher`); DDK's teacher perplexities (kdlm caches them). The
+teacher's training-time outputs are not cached: every method runs the live teacher, as its recipe says (kdlm's
+offline teacher cache would serve only the six plain-divergence rows, and approximately).
 
 Resumable: every finished row is stored in ``<out>.json`` (with its settings) and skipped on a rerun with the same
 settings; ``<out>.md`` (the table) is rewritten after every row and marks rows not run yet. Run directories (a
