@@ -100,13 +100,18 @@ def weights_fingerprint(files: list[Path], blocks: int = 16, block_size: int = 1
     return digest.hexdigest()
 
 
+def _hash_file_into(digest, path: Path) -> None:
+    """Stream a file into ``digest`` in 4 MiB blocks (weights can be far larger than memory)."""
+    with path.open("rb") as handle:
+        for block in iter(partial(handle.read, 1 << 22), b""):
+            digest.update(block)
+
+
 def weights_sha256(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(f"{path.name}|".encode())
-        with path.open("rb") as handle:
-            for block in iter(partial(handle.read, 1 << 22), b""):
-                digest.update(block)
+        _hash_file_into(digest, path)
     return digest.hexdigest()
 
 
@@ -255,9 +260,7 @@ def _shard_arrays(
 
 def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(partial(handle.read, 1 << 22), b""):
-            digest.update(block)
+    _hash_file_into(digest, path)
     return digest.hexdigest()
 
 
