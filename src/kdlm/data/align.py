@@ -1,0 +1,232 @@
+"""Aligning two tokenisations of one text, for distillation across tokenizers (``objective.cross_tokenizer``).
+
+The same response text is tokenised by the teacher's and the student's tokenizer. Each token covers a span of
+characters (the fast tokenizers' ``offset_mapping``). A *cut* is a place between two tokens where every token
+before it ends at or before some character position and every token after it starts at or after it; tokens that
+split one character into bytes (byte fallback ``<0xE6>``, byte-level BPE pieces of a multi-byte character) share
+or overlap character spans, so there is never a cut inside a character. A run of whitespace that no token covers
+(tokenizers that trim offsets) may hold a cut anywhere inside it.
+
+Cuts at the same character position in both tokenisations split the text into *segments*: consecutive student
+tokens and consecutive teacher tokens that spell exactly the same text, with the same text before them. A segment
+is 1:1 (one token each side), 1:n (one student token, several teacher tokens), n:1, or n:m. Both models' next-token
+distributions at a segment's first token condition on the same text, so they are comparable there; the segment's
+probability (the chained product over its tokens) is comparable for every segment.
+
+An alignment *fails* (the example is dropped and counted) when a tokenizer leaves non-whitespace text uncovered or
+its offsets run outside the text, i.e. when the two token sequences cannot be shown to spell the same text.
+Segments holding an unknown token (``unk``) are kept in the layout but flagged unusable: the unknown token does not
+spell its text, so no probability of that text can be read from it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kdlm.errors import DataError
+
+
+class AlignmentError(ValueError):
+    """The two tokenisations of a text cannot be aligned (reason in the message)."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Student tokens ``[s_start, s_stop)`` and teacher tokens ``[t_start, t_stop)`` spell the same text span."""
+
+    s_start: int
+    s_stop: int
+    t_start: int
+    t_stop: int
+    usable: bool = True
+    """False when a token of the segment is the tokenizer's unknown token (its text has no probability)."""
+
+    @property
+    def kind(self) -> str:
+        """'1:1', '1:n' (one student token, several teacher tokens), 'n:1' or 'n:m'."""
+        s, t = self.s_stop - self.s_start, self.t_stop - self.t_start
+        return f"{'1' if s == 1 else 'n'}:{'1' if t == 1 else ('n' if s == 1 else 'm')}"
+
+
+@dataclass
+class Tokenisation:
+    """Token ids of a text and each token's character span ``[start, end)``."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
+def tokenise_with_offsets(tokenizer, text: str) -> Tokenisation:
+    """Tokenise ``text`` without special tokens, with character offsets (a fast tokenizer is required)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"cross-tokenizer alignment needs a fast tokenizer (character offsets); {type(tokenizer).__name__} is not "
+            "one: load it with use_fast=True or convert it with the tokenizers library"
+        )
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return Tokenisation(list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]])
+
+
+def cut_positions(offsets: list[tuple[int, int]], text: str) -> dict[int, int]:
+    """Character position -> number of tokens before the cut at that position, for every possible cut.
+
+    Raises :class:`AlignmentError` when the tokens leave non-whitespace text uncovered or run outside the text.
+    """
+    n, length = len(offsets), len(text)
+    for index, (start, end) in enumerate(offsets):
+        if not 0 <= start <= end <= length:
+            raise AlignmentError(f"token {index} has offsets ({start}, {end}) outside the text of {length} characters")
+    # prefix_end[i] = furthest end among tokens < i; suffix_start[i] = nearest start among tokens >= i.
+    prefix_end = [0] * (n + 1)
+    for i, (_, end) in enumerate(offsets):
+        prefix_end[i + 1] = max(prefix_end[i], end)
+    suffix_start = [length] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        suffix_start[i] = min(suffix_start[i + 1], offsets[i][0])
+    cuts: dict[int, int] = {}
+    for i in range(n + 1):  # a cut before token i (i = n: after the last token)
+        low, high = prefix_end[i], suffix_start[i]
+        if low > high:
+            continue  # tokens i-1 and i overlap (pieces of one character): no cut between them
+        gap = text[low:high]
+        if gap.strip():
+            raise AlignmentError(f"text {gap[:20]!r} at characters {low}..{high} is covered by no token")
+        for position in range(low, high + 1):
+            cuts.setdefault(position, i)  # inside an uncovered whitespace run: the earliest cut owns it
+    return cuts
+
+
+def token_surfaces(tokenizer) -> list[Optional[bytes]]:
+    """The bytes each token id spells, by id (None for special and added tokens, which spell no text).
+
+    Read from the vocabulary as the tokenizer's decoder would: byte-level BPE (GPT-2, SmolLM2, Llama-3, Qwen) maps
+    each character of the token back to a byte through GPT-2's byte-to-unicode table; SentencePiece-style tokenizers
+    (Llama-2, Mistral) write a space as '▁' and byte-fallback tokens as ``<0xNN>``; anything else is its UTF-8.
+    """
+    import json
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    decoder = json.dumps(state.get("decoder"))
+    byte_level = '"ByteLevel"' in decoder
+    byte_fallback = bool(state.get("model", {}).get("byte_fallback"))
+    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
+    special = set(tokenizer.all_special_ids) | {int(i) for i in tokenizer.added_tokens_decoder}
+    surfaces: list[Optional[bytes]] = [None] * (max(tokenizer.get_vocab().values()) + 1)
+    for token, index in tokenizer.get_vocab().items():
+        if index in special:
+            continue
+        if byte_level and all(char in to_byte for char in token):
+            surfaces[index] = bytes(to_byte[char] for char in token)
+        elif byte_fallback and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            surfaces[index] = bytes([int(token[3:5], 16)])
+        else:
+            surfaces[index] = token.replace("▁", " ").encode("utf-8")
+    return surfaces
+
+
+def _split_by_bytes(segment: Segment, s_surfaces: list[bytes], t_surfaces: list[bytes]) -> list[Segment]:
+    """Split a segment at every byte position where both sides' tokens end, when both spell the same bytes.
+
+    Character offsets cannot cut inside a character; the tokens' bytes can: the pieces of 'é' under two byte-level
+    tokenizers align one to one, and identical tokenizers align every token one to one.
+    """
+    if b"".join(s_surfaces) != b"".join(t_surfaces):
+        return [segment]  # e.g. a '▁' that stands for a space the text does not have: keep the whole segment
+    s_ends, t_ends, total = {}, {}, 0
+    for index, piece in enumerate(s_surfaces):
+        total += len(piece)
+        s_ends[total] = index + 1
+    total = 0
+    for index, piece in enumerate(t_surfaces):
+        total += len(piece)
+        t_ends[total] = index + 1
+    pieces, s_prev, t_prev = [], 0, 0
+    for position in sorted(set(s_ends) & set(t_ends)):
+        s_cut, t_cut = s_ends[position], t_ends[position]
+        if s_cut <= s_prev or t_cut <= t_prev:
+            continue  # zero-length tokens join the next piece
+        pieces.append(Segment(segment.s_start + s_prev, segment.s_start + s_cut, segment.t_start + t_prev,
+                              segment.t_start + t_cut, segment.usable))
+        s_prev, t_prev = s_cut, t_cut
+    return pieces if (s_prev, t_prev) == (segment.s_stop - segment.s_start, segment.t_stop - segment.t_start) else [segment]
+
+
+def align_tokenisations(
+    student: Tokenisation,
+    teacher: Tokenisation,
+    text: str,
+    *,
+    student_unk: Optional[int] = None,
+    teacher_unk: Optional[int] = None,
+    student_surfaces: Optional[list[Optional[bytes]]] = None,
+    teacher_surfaces: Optional[list[Optional[bytes]]] = None,
+) -> list[Segment]:
+    """The segments of ``text`` shared by the two tokenisations, in order, covering every token of both.
+
+    With both tokenizers' :func:`token_surfaces`, segments of several tokens on both sides are split further where
+    the tokens' bytes allow (see :func:`_split_by_bytes`). Raises :class:`AlignmentError` when either tokenisation
+    does not spell ``text`` (see the module doc).
+    """
+    s_cuts, t_cuts = cut_positions(student.offsets, text), cut_positions(teacher.offsets, text)
+    n_s, n_t = len(student.ids), len(teacher.ids)
+    segments: list[Segment] = []
+    s_prev = t_prev = 0
+    for position in sorted(set(s_cuts) & set(t_cuts)):
+        s_cut, t_cut = s_cuts[position], t_cuts[position]
+        # A cut with no new token on one side (an uncovered whitespace run, or a zero-width token) merges into the
+        # next segment: every segment has at least one token on each side.
+        if s_cut <= s_prev or t_cut <= t_prev:
+            continue
+        unknown = (student_unk is not None and student_unk in student.ids[s_prev:s_cut]) or (
+            teacher_unk is not None and teacher_unk in teacher.ids[t_prev:t_cut]
+        )
+        segment = Segment(s_prev, s_cut, t_prev, t_cut, usable=not unknown)
+        s_bytes = [student_surfaces[i] for i in student.ids[s_prev:s_cut]] if student_surfaces is not None else [None]
+        t_bytes = [teacher_surfaces[i] for i in teacher.ids[t_prev:t_cut]] if teacher_surfaces is not None else [None]
+        if segment.kind == "n:m" and None not in s_bytes and None not in t_bytes:
+            segments.extend(_split_by_bytes(segment, s_bytes, t_bytes))
+        else:
+            segments.append(segment)
+        s_prev, t_prev = s_cut, t_cut
+    if (s_prev, t_prev) != (n_s, n_t):
+        raise AlignmentError(
+            f"the tokenisations do not end together: {s_prev} of {n_s} student and {t_prev} of {n_t} teacher tokens aligned"
+        )
+    return segments
+
+
+@dataclass
+class AlignStats:
+    """What aligning a data set did: examples aligned or dropped, and segments by kind."""
+
+    aligned: int = 0
+    failed: int = 0
+    segments: Counter = field(default_factory=Counter)
+    """'1:1', '1:n', 'n:1', 'n:m' and 'unusable' (holding an unknown token) segment counts."""
+    examples: list[str] = field(default_factory=list)
+    """Up to three origins and reasons of failed examples."""
+
+    def note_failure(self, origin: str, reason: str) -> None:
+        self.failed += 1
+        if len(self.examples) < 3:
+            self.examples.append(f"{origin}: {reason}")
+
+    def note_segments(self, segments: list[Segment]) -> None:
+        self.aligned += 1
+        for segment in segments:
+            self.segments[segment.kind if segment.usable else "unusable"] += 1
+
+    def summary(self, name: str) -> str:
+        kinds = ", ".join(f"{k} {self.segments[k]}" for k in ("1:1", "1:n", "n:1", "n:m", "unusable") if self.segments[k])
+        text = f"{name}: cross-tokenizer alignment of {self.aligned + self.failed} responses: {self.aligned} aligned"
+        text += f" (segments {kinds or 'none'})"
+        if self.failed:
+            text += f", {self.failed} dropped (e.g. {'; '.join(self.examples)})"
+        return text
+
+    def as_dict(self) -> dict:
+        return {"aligned": self.aligned, "failed": self.failed, "segments": dict(self.segments), "examples": self.examples}
