@@ -128,6 +128,36 @@ def token_surfaces(tokenizer) -> list[Optional[bytes]]:
     return surfaces
 
 
+def _token_keys(tokenizer, vocab: int) -> dict[tuple, int]:
+    """What each id < ``vocab`` stands for -> the smallest id that stands for it: ('eos',), ('special', content) or
+    ('text', bytes)."""
+    surfaces = token_surfaces(tokenizer)
+    id_to_token = {index: token for token, index in tokenizer.get_vocab().items()}
+    keys: dict[tuple, int] = {}
+    for index in range(min(vocab, len(surfaces))):
+        if index == tokenizer.eos_token_id:
+            key: tuple = ("eos",)  # both models' end of response, whatever each calls it
+        elif surfaces[index] is None:
+            if index not in id_to_token:
+                continue
+            key = ("special", id_to_token[index])
+        else:
+            key = ("text", surfaces[index])
+        keys.setdefault(key, index)
+    return keys
+
+
+def shared_vocabulary(student_tokenizer, teacher_tokenizer, student_vocab: int, teacher_vocab: int) -> list[tuple[int, int]]:
+    """(student id, teacher id) pairs of tokens that spell the same bytes (special tokens: the same name; eos ↔ eos).
+
+    Only ids below each model's real vocabulary size count; when several ids spell the same bytes the smallest is
+    paired and the others stay unpaired.
+    """
+    s_keys = _token_keys(student_tokenizer, student_vocab)
+    t_keys = _token_keys(teacher_tokenizer, teacher_vocab)
+    return sorted((index, t_keys[key]) for key, index in s_keys.items() if key in t_keys)
+
+
 def _split_by_bytes(segment: Segment, s_surfaces: list[bytes], t_surfaces: list[bytes]) -> list[Segment]:
     """Split a segment at every byte position where both sides' tokens end, when both spell the same bytes.
 
