@@ -231,6 +231,15 @@ class ObjectiveConfig:
     """dpkd with lm_data: weight of the plain-text LM term (default 0.5, the reference's)."""
     refresh_every: Optional[int] = None
     """dpkd sequence form: resample an example's student response when it is this many steps old (default 1)."""
+    cross_tokenizer: Optional[Literal["uld", "align"]] = None
+    """Distil across tokenizers (objective kd, student.init=pretrained; docs/losses.md). None: teacher and student
+    must share a tokenizer (a mismatch is an error). uld: Wasserstein-1 between the sorted probability vectors at
+    aligned positions (Boizard et al. 2024); align: the divergence on the shared vocabulary (+ ULD on the rest) at
+    aligned positions plus the divergence of the aligned text spans' probabilities, exactly token-level KD when the
+    tokenizers are the same."""
+    uld_weight: Optional[float] = None
+    """cross_tokenizer=align only: weight of ULD's sorted distance between the tokens outside the shared vocabulary
+    (default 1.0; 0 = the shared vocabulary and its bucket only)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """How the student (gkd, dpkd sequence form) or the teacher (gkd seq_kd) samples responses during training."""
     fused: bool = True
@@ -442,6 +451,21 @@ def validate(cfg: Config) -> Config:
         errors.append(f"objective.mu must be in (0, 1], got {o.mu}")
     if o.chunk_size < 1:
         errors.append("objective.chunk_size must be >= 1")
+    if o.cross_tokenizer is not None:
+        if o.name != "kd":
+            errors.append(f"objective.cross_tokenizer works with objective.name=kd, not '{o.name}'")
+        if s.init != "pretrained":
+            errors.append("objective.cross_tokenizer needs student.init=pretrained (a pruned student has the teacher's tokenizer)")
+        if o.cross_tokenizer == "uld" and o.divergence_params():
+            errors.append("objective.beta/alpha/mu have no effect with objective.cross_tokenizer=uld (it uses no divergence)")
+        if not o.fused or o.compile:
+            errors.append("objective.cross_tokenizer runs on the fused path, uncompiled: set objective.fused=true, objective.compile=false")
+        if cfg.cache.dir is not None:
+            errors.append("objective.cross_tokenizer with cache.dir: training from a teacher cache across tokenizers is not supported yet")
+        if d.mixing.strategy != "none":
+            errors.append("objective.cross_tokenizer with data.mixing: DDK's perplexities need one tokenizer; unset one of them")
+    if o.uld_weight is not None and (o.cross_tokenizer != "align" or o.uld_weight < 0):
+        errors.append("objective.uld_weight must be >= 0 and applies to objective.cross_tokenizer=align")
     m = d.mixing
     if m.strategy == "none" and (m.validation is not None):
         errors.append("data.mixing.validation is only used with a data.mixing.strategy other than none")

@@ -215,7 +215,8 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> int:
         raise ModelError(
             "teacher and student tokenizers differ, so their distributions cannot be compared token by token: "
             f"{len(t_vocab)} vs {len(s_vocab)} tokens; only in teacher: {only_t}; only in student: {only_s}; "
-            f"different ids: {moved}. Use a student from the teacher's family (same tokenizer)."
+            f"different ids: {moved}. Use a student from the teacher's family (same tokenizer), or distil across "
+            "tokenizers with objective.cross_tokenizer=align (or uld)."
         )
     t_special, s_special = _special_tokens(teacher_tokenizer), _special_tokens(student_tokenizer)
     if t_special != s_special:
@@ -317,6 +318,10 @@ class Models:
     tokenizer: object
     vocab_size: int
     """Rows of the output layer that are real tokens; padded rows beyond it are sliced off in every loss."""
+    teacher_tokenizer: object = None
+    """objective.cross_tokenizer only: the teacher's own tokenizer (``tokenizer`` is then the student's)."""
+    teacher_vocab_size: Optional[int] = None
+    """objective.cross_tokenizer only: the teacher's real vocabulary size (``vocab_size`` is the student's)."""
 
 
 def load_models(cfg: Config, teacher_needed: bool = True) -> Models:
@@ -338,12 +343,20 @@ def load_models(cfg: Config, teacher_needed: bool = True) -> Models:
         log.info("student: teacher layers %s of %d", keep, teacher.config.num_hidden_layers)
         student = prune_from_teacher(teacher, keep, dtype=s.dtype)
         vocab_size = max(tokenizer.get_vocab().values()) + 1
+    elif cfg.objective.cross_tokenizer is not None:  # the user opted in: the tokenizers may differ
+        teacher_tokenizer, tokenizer = tokenizer, load_tokenizer(s.name_or_path, **source(s))
+        teacher_vocab = max(teacher_tokenizer.get_vocab().values()) + 1
+        vocab_size = max(tokenizer.get_vocab().values()) + 1
+        student = load_model(s.name_or_path, dtype=s.dtype, **source(s))
+        if output_rows(teacher) < teacher_vocab:
+            raise ModelError(f"the teacher's output layer has {output_rows(teacher)} rows but its tokenizer has {teacher_vocab} tokens")
     else:
         vocab_size = check_same_tokenizer(tokenizer, load_tokenizer(s.name_or_path, **source(s)))
         student = load_model(s.name_or_path, dtype=s.dtype, **source(s))
     if not teacher_needed:
         teacher = None  # pruned from it above; its forward never runs (the loss reads the cache)
-    for name, model in (("teacher", teacher), ("student", student)):
+    cross = cfg.objective.cross_tokenizer is not None and s.init == "pretrained"
+    for name, model in (("teacher", None if cross else teacher), ("student", student)):
         if model is not None and output_rows(model) < vocab_size:
             raise ModelError(
                 f"the {name}'s output layer has {output_rows(model)} rows but the tokenizer has {vocab_size} tokens"
@@ -360,4 +373,7 @@ def load_models(cfg: Config, teacher_needed: bool = True) -> Models:
             "student: LoRA r=%d alpha=%g on %s: %d trainable of %d parameters (%.2f%%)",
             s.lora.r, s.lora.alpha, s.lora.target_modules, trainable, total, 100.0 * trainable / max(total, 1),
         )
+    if cross:
+        return Models(teacher=teacher, student=student, tokenizer=tokenizer, vocab_size=vocab_size,
+                      teacher_tokenizer=teacher_tokenizer, teacher_vocab_size=teacher_vocab)
     return Models(teacher=teacher, student=student, tokenizer=tokenizer, vocab_size=vocab_size)

@@ -25,6 +25,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
+from kdlm.data.format import DropCounts, Tokenized, collate, tokenize_examples
+from kdlm.data.sources import Example
 from kdlm.errors import DataError
 
 
@@ -260,3 +264,131 @@ class AlignStats:
 
     def as_dict(self) -> dict:
         return {"aligned": self.aligned, "failed": self.failed, "segments": dict(self.segments), "examples": self.examples}
+
+
+# --------------------------------------------------------------------------------------------------
+# Training data with both tokenisations.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairedTokenized(Tokenized):
+    """A student sequence (the :class:`Tokenized` fields) with the teacher's own sequence and the alignment.
+
+    Alignment lists are in *response* coordinates (index 0 = first response token, eos included when kept):
+    ``pair[j]`` = the teacher response token that starts the same segment as student response token j (−1: j
+    starts no usable segment); ``student_segments[j]`` / ``teacher_segments[i]`` = the local number of the segment
+    holding the token when that segment is not one token each side (−1 otherwise).
+    """
+
+    teacher_input_ids: list[int] = field(default_factory=list)
+    teacher_prompt_length: int = 0
+    pair: list[int] = field(default_factory=list)
+    student_segments: list[int] = field(default_factory=list)
+    teacher_segments: list[int] = field(default_factory=list)
+
+
+def _alignment_lists(segments: list[Segment], s_text: int, t_text: int, s_kept: int, t_kept: int):
+    """pair / segment lists (see :class:`PairedTokenized`) for response lengths ``*_kept`` (text tokens + eos,
+    possibly truncated): segments cut by truncation are left out; eos pairs with eos when both are kept."""
+    pair, s_seg, t_seg = [-1] * s_kept, [-1] * s_kept, [-1] * t_kept
+    number = 0
+    for segment in segments:
+        if not segment.usable or segment.s_stop > s_kept or segment.t_stop > t_kept:
+            continue
+        pair[segment.s_start] = segment.t_start
+        if segment.kind != "1:1":
+            s_seg[segment.s_start:segment.s_stop] = [number] * (segment.s_stop - segment.s_start)
+            t_seg[segment.t_start:segment.t_stop] = [number] * (segment.t_stop - segment.t_start)
+            number += 1
+    if s_kept == s_text + 1 and t_kept == t_text + 1:
+        pair[s_text] = t_text
+    return pair, s_seg, t_seg
+
+
+def tokenize_pairs(
+    examples: list[Example],
+    student_tokenizer,
+    teacher_tokenizer,
+    *,
+    max_prompt_length: int,
+    max_length: int,
+    system_prompt: Optional[str] = None,
+) -> tuple[list[PairedTokenized], DropCounts, AlignStats]:
+    """Each example tokenised by both tokenizers, each with its own chat template, and aligned on the response.
+
+    The response mask is the same text on both sides: the response is tokenised on its own (as
+    :func:`kdlm.data.format.tokenize_examples` does) and the alignment is of that text. An example is kept when both
+    sides keep it (``DropCounts``, either side's reason) and the alignment succeeds (``AlignStats``).
+    """
+    counts, stats = DropCounts(), AlignStats()
+    s_unk, t_unk = student_tokenizer.unk_token_id, teacher_tokenizer.unk_token_id
+    s_surfaces, t_surfaces = token_surfaces(student_tokenizer), token_surfaces(teacher_tokenizer)
+    out: list[PairedTokenized] = []
+    settings = dict(max_prompt_length=max_prompt_length, max_length=max_length, system_prompt=system_prompt)
+    for example in examples:
+        s_items, s_counts = tokenize_examples([example], student_tokenizer, **settings)
+        t_items, t_counts = tokenize_examples([example], teacher_tokenizer, **settings)
+        reason = next((r for r in ("prompt_too_long", "empty_response") if getattr(s_counts, r) or getattr(t_counts, r)), None)
+        if reason is not None:
+            counts.note(reason, example.origin)
+            continue
+        if s_counts.truncated_response or t_counts.truncated_response:
+            counts.note("truncated_response", example.origin)
+        (s_item,), (t_item,) = s_items, t_items
+        try:
+            s_text = tokenise_with_offsets(student_tokenizer, example.response)
+            t_text = tokenise_with_offsets(teacher_tokenizer, example.response)
+            segments = align_tokenisations(s_text, t_text, example.response, student_unk=s_unk, teacher_unk=t_unk,
+                                           student_surfaces=s_surfaces, teacher_surfaces=t_surfaces)
+        except AlignmentError as err:
+            stats.note_failure(example.origin, str(err))
+            continue
+        stats.note_segments(segments)
+        s_kept = len(s_item.input_ids) - s_item.prompt_length
+        t_kept = len(t_item.input_ids) - t_item.prompt_length
+        pair, s_seg, t_seg = _alignment_lists(segments, len(s_text.ids), len(t_text.ids), s_kept, t_kept)
+        counts.kept += 1
+        out.append(PairedTokenized(
+            **vars(s_item), teacher_input_ids=t_item.input_ids, teacher_prompt_length=t_item.prompt_length,
+            pair=pair, student_segments=s_seg, teacher_segments=t_seg,
+        ))
+    return out, counts, stats
+
+
+def collate_pairs(items: list[PairedTokenized], pad_id: int, teacher_pad_id: int) -> dict[str, torch.Tensor]:
+    """:func:`kdlm.data.format.collate` of the student side, plus the teacher side and the alignment:
+
+    * ``teacher_input_ids`` / ``teacher_attention_mask`` [B, L_T] (right-padded);
+    * ``xtok_pair`` [B, L_S]: at a student token position, the row of ``teacher_hidden[:, :-1].reshape(-1, H)``
+      that predicts the teacher token starting the same segment (−1: none) — read it like the labels, ``[:, 1:]``;
+    * ``xtok_student_segment`` [B, L_S] / ``xtok_teacher_segment`` [B, L_T]: the segment of each token position,
+      numbered across the batch (−1: none).
+    """
+    batch = collate(items, pad_id)
+    width = max(len(item.teacher_input_ids) for item in items)
+    rows, s_width = len(items), batch["input_ids"].shape[1]
+    teacher_ids = torch.full((rows, width), teacher_pad_id, dtype=torch.long)
+    teacher_mask = torch.zeros((rows, width), dtype=torch.long)
+    pair = torch.full((rows, s_width), -1, dtype=torch.long)
+    s_seg = torch.full((rows, s_width), -1, dtype=torch.long)
+    t_seg = torch.full((rows, width), -1, dtype=torch.long)
+    offset = 0
+    for row, item in enumerate(items):
+        n, s0, t0 = len(item.teacher_input_ids), item.prompt_length, item.teacher_prompt_length
+        teacher_ids[row, :n] = torch.tensor(item.teacher_input_ids)
+        teacher_mask[row, :n] = 1
+        for j, i in enumerate(item.pair):
+            if i >= 0:  # teacher token t0 + i is predicted by teacher row t0 + i − 1
+                pair[row, s0 + j] = row * (width - 1) + t0 + i - 1
+        local = [k for k in item.student_segments if k >= 0]
+        for j, k in enumerate(item.student_segments):
+            if k >= 0:
+                s_seg[row, s0 + j] = offset + k
+        for i, k in enumerate(item.teacher_segments):
+            if k >= 0:
+                t_seg[row, t0 + i] = offset + k
+        offset += max(local) + 1 if local else 0
+    batch.update(teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask, xtok_pair=pair,
+                 xtok_student_segment=s_seg, xtok_teacher_segment=t_seg)
+    return batch

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from kdlm.config import Config, save_resolved, to_dict
 from kdlm.data import collate, load_splits, read_examples, tokenize_examples
+from kdlm.data.align import collate_pairs, tokenize_pairs
 from kdlm.errors import CheckpointError, DataError, TrainingError
 from kdlm.eval.report import evaluate_and_report, format_comparison
 from kdlm.generation import fill_teacher_responses
@@ -145,7 +146,9 @@ def distill(cfg: Config) -> dict:
     # 2. Models. The tokenizer check happens inside (a mismatch is an error, padded rows are sliced later).
     # With a teacher cache (cache.dir) the teacher never runs: the loss reads its signal from disk.
     models = load_models(cfg, teacher_needed=cfg.cache.dir is None)
-    tokenizer, vocab_size = models.tokenizer, models.vocab_size
+    tokenizer, vocab_size = models.tokenizer, models.vocab_size  # the student's
+    cross_tokenizer = models.teacher_tokenizer is not None  # objective.cross_tokenizer: the teacher has its own
+    teacher_tokenizer = models.teacher_tokenizer if cross_tokenizer else tokenizer
     teacher = models.teacher.to(accelerator.device) if models.teacher is not None else None
     teacher_cache = None
     if cfg.cache.dir is not None:
@@ -158,8 +161,8 @@ def distill(cfg: Config) -> dict:
     train_examples, eval_examples, has_responses = load_splits(cfg.data, cfg.train.seed)
     if not has_responses:
         with accelerator.main_process_first():  # one process generates and caches, the others read the cache
-            fill_teacher_responses(cfg, teacher, tokenizer, train_examples, "train")
-            fill_teacher_responses(cfg, teacher, tokenizer, eval_examples, "eval")
+            fill_teacher_responses(cfg, teacher, teacher_tokenizer, train_examples, "train")
+            fill_teacher_responses(cfg, teacher, teacher_tokenizer, eval_examples, "eval")
     tok = partial(
         tokenize_examples,
         tokenizer=tokenizer,
@@ -167,8 +170,18 @@ def distill(cfg: Config) -> dict:
         max_length=cfg.data.max_length,
         system_prompt=cfg.data.system_prompt,
     )
-    train_items, train_counts = tok(train_examples)
-    eval_items, eval_counts = tok(eval_examples)
+    alignment: dict = {}
+    if cross_tokenizer:  # both tokenisations, each with its own chat template, aligned on the response text
+        tok = partial(tokenize_pairs, student_tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
+                      max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length,
+                      system_prompt=cfg.data.system_prompt)
+        (train_items, train_counts, train_align), (eval_items, eval_counts, eval_align) = tok(train_examples), tok(eval_examples)
+        for name, stats in (("train data", train_align), ("eval data", eval_align)):
+            log.info(stats.summary(name))
+        alignment = {"train": train_align.as_dict(), "eval": eval_align.as_dict()}
+    else:
+        train_items, train_counts = tok(train_examples)
+        eval_items, eval_counts = tok(eval_examples)
     log.info(train_counts.summary("train data"))
     log.info(eval_counts.summary("eval data"))
     if not train_items:
@@ -192,13 +205,16 @@ def distill(cfg: Config) -> dict:
     # 4. The objective.
     objective = make_objective(cfg.objective, teacher, vocab_size, tokenizer=tokenizer, max_length=cfg.data.max_length,
                                seed=cfg.train.seed, run_dir=str(run_dir), batch_size=cfg.train.batch_size,
-                               cache=teacher_cache)
+                               cache=teacher_cache, teacher_tokenizer=models.teacher_tokenizer,
+                               teacher_vocab_size=models.teacher_vocab_size)
 
     # 5. Optimizer, schedule, accelerate.
     student = DecoderOnly(models.student)
     sampler = EpochSampler(len(train_items), cfg.train.seed)
     loader = DataLoader(
-        train_items, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
+        train_items, batch_size=cfg.train.batch_size, sampler=sampler,
+        collate_fn=partial(collate_pairs, pad_id=tokenizer.pad_token_id, teacher_pad_id=teacher_tokenizer.pad_token_id)
+        if cross_tokenizer else partial(collate, pad_id=tokenizer.pad_token_id),
         # Its own generator: creating an iterator would otherwise draw from the global RNG right after a resume
         # restored it, shifting every later dropout mask (resume would not be exact for models with dropout).
         generator=torch.Generator(),
@@ -226,8 +242,10 @@ def distill(cfg: Config) -> dict:
             mixer.load_state_dict(state.mixing)
 
     summary: dict = {"data": {"train": vars(train_counts), "eval": vars(eval_counts)}, "total_steps": total_steps}
-    evaluate = partial(
-        evaluate_and_report, cfg=cfg, teacher=teacher, tokenizer=tokenizer, vocab_size=vocab_size,
+    if alignment:
+        summary["data"]["alignment"] = alignment
+    evaluate = partial(  # across tokenizers the held-out KL is not defined token by token: student metrics only
+        evaluate_and_report, cfg=cfg, teacher=None if cross_tokenizer else teacher, tokenizer=tokenizer, vocab_size=vocab_size,
         eval_items=eval_items, eval_examples=eval_examples, run_dir=run_dir, accelerator=accelerator,
     )
     if cfg.eval.enabled and state.step == 0 and eval_items:

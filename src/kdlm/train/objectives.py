@@ -118,12 +118,16 @@ def make_objective(
     run_dir: Optional[str] = None,
     batch_size: int = 8,
     cache=None,
+    teacher_tokenizer=None,
+    teacher_vocab_size: Optional[int] = None,
 ) -> Objective:
     """The ``batch -> (loss, metrics)`` function for ``cfg.name``.
 
     ``tokenizer`` (stop and pad tokens, decoding for rewards), ``max_length``, ``seed`` and ``run_dir`` (sample
     log) are needed by the sampling methods (gkd, dpkd with dpkd_form=sequence). With ``cache`` (a
     :class:`kdlm.cache.TeacherCache`) objective kd reads the teacher's side from disk and ``teacher`` may be None.
+    With ``cfg.cross_tokenizer``, ``tokenizer`` is the student's and ``teacher_tokenizer`` / ``teacher_vocab_size``
+    the teacher's (:class:`kdlm.train.cross_tokenizer.CrossTokenizerKD`).
     """
     if cfg.name == "sft":
         return _SFT(vocab_size)
@@ -133,6 +137,10 @@ def make_objective(
         return _KD(cfg, None, vocab_size, cache=cache)
     if teacher is None:
         raise ValueError(f"objective '{cfg.name}' needs a teacher")
+    if cfg.cross_tokenizer is not None:
+        from kdlm.train.cross_tokenizer import make_cross_tokenizer_objective
+
+        return make_cross_tokenizer_objective(cfg, teacher, vocab_size, tokenizer, teacher_tokenizer, teacher_vocab_size)
     if (cfg.name == "gkd" or cfg.dpkd_form == "sequence" or cfg.lm_data) and tokenizer is None:
         raise ValueError(f"objective '{cfg.name}' needs the tokenizer (sampling or plain text): pass tokenizer=")
     if cfg.name in ("gkd", "dpkd") and (cfg.name == "gkd" or cfg.dpkd_form == "sequence"):

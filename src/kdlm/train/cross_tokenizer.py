@@ -1,0 +1,83 @@
+"""The cross-tokenizer objective (``objective.cross_tokenizer``): KD between models whose tokenizers differ.
+
+Batches come from :func:`kdlm.data.align.collate_pairs`: the student's sequence (``input_ids``, ``labels``), the
+teacher's own sequence of the same example (``teacher_input_ids``, its own chat template) and the alignment of the
+response. The loss is :func:`kdlm.losses.cross_tokenizer.cross_tokenizer_terms` (docs/losses.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kdlm.config import ObjectiveConfig
+from kdlm.losses.cross_tokenizer import VocabMap, cross_tokenizer_terms
+from kdlm.train.objectives import DecoderOnly, OutputHead, StepOutput, _unwrap, response_positions
+
+log = logging.getLogger(__name__)
+
+
+class CrossTokenizerKD:
+    """(1 − kd_ratio)·CE + kd_ratio·(ULD or the align method) per student response token."""
+
+    def __init__(self, cfg: ObjectiveConfig, teacher: nn.Module, vocab_size: int, teacher_vocab_size: int,
+                 vocab_map: Optional[VocabMap]):
+        self.cfg, self.teacher = cfg, teacher
+        self.vocab_size, self.teacher_vocab_size = vocab_size, teacher_vocab_size
+        self.vocab_map = vocab_map
+        self._device_map: dict = {}
+
+    def _map(self, device) -> Optional[VocabMap]:
+        if self.vocab_map is None:
+            return None
+        if device not in self._device_map:
+            self._device_map[device] = self.vocab_map.to(device)
+        return self._device_map[device]
+
+    def terms(self, student: nn.Module, batch: dict):
+        """The loss terms of one batch (:class:`kdlm.losses.KDTerms`)."""
+        cfg = self.cfg
+        mask, targets = response_positions(batch)
+        student_hidden = student(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
+        with torch.no_grad():
+            teacher_hidden = DecoderOnly(self.teacher)(batch["teacher_input_ids"], batch["teacher_attention_mask"])[:, :-1]
+        teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        t_rows = batch["xtok_teacher_segment"][:, 1:] >= 0
+        return cross_tokenizer_terms(
+            student_hidden, OutputHead.of(_unwrap(student).lm, self.vocab_size),
+            teacher_hidden, OutputHead.of(self.teacher, self.teacher_vocab_size),
+            batch["xtok_pair"][:, 1:][mask], targets,
+            method=cfg.cross_tokenizer, vocab_map=self._map(student_hidden.device), divergence=cfg.divergence,
+            params=cfg.divergence_params(), temperature=cfg.temperature, kd_ratio=cfg.kd_ratio,
+            uld_weight=1.0 if cfg.uld_weight is None else cfg.uld_weight,
+            student_segments=batch["xtok_student_segment"][:, 1:][mask],
+            teacher_segments=batch["xtok_teacher_segment"][:, 1:].reshape(-1),
+            teacher_targets=torch.where(t_rows, batch["teacher_input_ids"][:, 1:], 0).reshape(-1),
+            chunk_size=cfg.chunk_size,
+        )
+
+    def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
+        terms = self.terms(student, batch)
+        metrics = {"ce": float(terms.ce_sum), "kd": float(terms.divergence_sum),
+                   "xtok_segment": float(terms.aux["xtok_segment"]), "xtok_aligned": float(terms.count)}
+        return StepOutput(terms.loss_sum, metrics)
+
+
+def make_cross_tokenizer_objective(cfg: ObjectiveConfig, teacher: nn.Module, vocab_size: int, student_tokenizer,
+                                   teacher_tokenizer, teacher_vocab_size: Optional[int]) -> CrossTokenizerKD:
+    """The objective for ``cfg.cross_tokenizer``; the shared vocabulary is built here for the align method."""
+    from kdlm.data.align import shared_vocabulary
+
+    if student_tokenizer is None or teacher_tokenizer is None:
+        raise ValueError("objective.cross_tokenizer needs both tokenizers: pass tokenizer= and teacher_tokenizer=")
+    teacher_vocab_size = teacher_vocab_size or max(teacher_tokenizer.get_vocab().values()) + 1
+    vocab_map = None
+    if cfg.cross_tokenizer == "align":
+        pairs = shared_vocabulary(student_tokenizer, teacher_tokenizer, vocab_size, teacher_vocab_size)
+        vocab_map = VocabMap.from_pairs(pairs, vocab_size, teacher_vocab_size)
+        log.info("cross-tokenizer align: %d tokens spell the same in both vocabularies (student %d, teacher %d)%s",
+                 len(pairs), vocab_size, teacher_vocab_size, " (identical: token-level KD)" if vocab_map.identity else "")
+    return CrossTokenizerKD(cfg, teacher, vocab_size, teacher_vocab_size, vocab_map)
