@@ -16,18 +16,43 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
 
 from kdlm.config import Config, ConfigError, to_dict, validate
 
 COMMANDS = ("distill", "eval", "validate", "cache-teacher", "report")
+DESCRIPTIONS = {
+    "distill": "Train a student model to imitate a teacher model (knowledge distillation). With no flags: the offline "
+    "demo. Settings come from --config FILE and dotted flags; each is listed below with its default.",
+    "eval": "Evaluate a trained student against its teacher on the held-out data (teacher-forced KL and cross-entropies, "
+    "ROUGE-L and other text metrics of its generations).",
+    "validate": "Check a configuration (types, contradictions, that the files it names exist) and print it fully "
+    "resolved; runs nothing.",
+    "cache-teacher": "Run the teacher once over the training data and store its sparse signal in cache.dir, so that "
+    "`kdlm distill` with the same cache.dir trains without running the teacher.",
+}
+
+# The help of each flag is its field's attribute docstring in kdlm/config.py (read with docstring_parser).
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's formatter, saying "default: unset" instead of "default: null": what an unset field resolves
+    to depends on other fields, and its help text says it."""
+
+    def _get_help_string(self, action) -> str:
+        text = super()._get_help_string(action)
+        if action.default is None:
+            text = text.replace("default: %(default)s", "default: unset")
+        return text
 
 
 def build_parser(command: str) -> ArgumentParser:
     """The parser of one subcommand: ``--config FILE`` plus one dotted flag per config field."""
     parser = ArgumentParser(
         prog=f"kdlm {command}",
-        description=__doc__.splitlines()[0],
+        description=DESCRIPTIONS[command],
+        formatter_class=_HelpFormatter,
         exit_on_error=False,
         default_env=False,
     )

@@ -36,9 +36,10 @@ class TeacherConfig:
     name_or_path: str = DEMO_TEACHER
     """Hugging Face hub name, local folder, folder holding a GGUF file (with gguf_file), or builtin:smollm2-135m-instruct."""
     gguf_file: Optional[str] = None
-    """File name of a GGUF checkpoint inside name_or_path (loaded with transformers' gguf_file=, de-quantised)."""
+    """File name of a GGUF checkpoint inside name_or_path (loaded with transformers' gguf_file=, de-quantised once
+    into $KDLM_CACHE/gguf). Unset: name_or_path holds a plain checkpoint (the demo teacher sets its own)."""
     revision: Optional[str] = None
-    """Hub revision (branch, tag or commit)."""
+    """Hub revision (branch, tag or commit). Unset: the hub's default branch."""
     dtype: DType = "float32"
     """Weights dtype of the teacher."""
     trust_remote_code: bool = False
@@ -72,11 +73,11 @@ class StudentConfig:
     init: Literal["prune_teacher", "pretrained"] = "prune_teacher"
     """prune_teacher: copy the teacher keeping only some layers (embeddings, final norm and head copied); pretrained: load name_or_path as given."""
     name_or_path: Optional[str] = None
-    """Hub name or local folder of the student (init=pretrained only)."""
+    """Hub name or local folder of the student (init=pretrained only, where it is required). Unset: pruned from the teacher."""
     gguf_file: Optional[str] = None
-    """GGUF file inside name_or_path (init=pretrained only)."""
+    """GGUF file inside name_or_path (init=pretrained only). Unset: a plain checkpoint."""
     revision: Optional[str] = None
-    """Hub revision (init=pretrained only)."""
+    """Hub revision (init=pretrained only). Unset: the hub's default branch."""
     keep_layers: Optional[list[int]] = None
     """Teacher layer indices to keep (init=prune_teacher). Default: num_layers layers evenly spaced, first and last included."""
     num_layers: int = 9
@@ -155,7 +156,7 @@ class DataConfig:
     system_prompt: Optional[str] = None
     """System message for chat templates. Default: the template's own (if any)."""
     max_train_examples: Optional[int] = None
-    """Use at most this many training examples."""
+    """Use at most this many training examples (the first ones). Unset: all of them."""
     max_eval_examples: Optional[int] = 64
     """Use at most this many evaluation examples: a seeded sample (train.seed) with each domain in proportion to its
     size. Unset: all of them."""
@@ -216,10 +217,10 @@ class ObjectiveConfig:
     """gkd only: probability that a step trains on the student's own samples (default 0.5; 0 = supervised KD,
     1 = on-policy KD). One coin per optimizer step, shared by all processes."""
     seq_kd: Optional[bool] = None
-    """gkd only: on off-policy steps, train on responses sampled from the teacher instead of the dataset's."""
+    """gkd only: on off-policy steps, train on responses sampled from the teacher instead of the dataset's (default false)."""
     reward_fn: Optional[str] = None
     """gkd only: 'module:function' taking (prompts: list[str], completions: list[str]) -> list[float]; the student
-    then maximises (1-reward_alpha)*reward - reward_alpha*divergence on its samples (docs/methods.md)."""
+    then maximises (1-reward_alpha)*reward - reward_alpha*divergence on its samples (docs/methods.md). Unset: no reward."""
     reward_alpha: Optional[float] = None
     """gkd with reward_fn: weight alpha of the divergence against the reward (default 0.5)."""
     dpkd_form: Optional[Literal["token", "sequence"]] = None
@@ -229,7 +230,8 @@ class ObjectiveConfig:
     """dpkd only: beta of the implicit reward beta*log(q/p) (default 0.1)."""
     lm_data: Optional[str] = None
     """dpkd only: a plain-text corpus (JSONL/parquet/datasets folder/hub name with a 'text' column) for the LM term,
-    as in the DPKD reference: every micro-batch adds lm_weight * [(1-kd_ratio)*CE + kd_ratio*FKL] on a batch of it."""
+    as in the DPKD reference: every micro-batch adds lm_weight * [(1-kd_ratio)*CE + kd_ratio*FKL] on a batch of it.
+    Unset: no LM term."""
     lm_weight: Optional[float] = None
     """dpkd with lm_data: weight of the plain-text LM term (default 0.5, the reference's)."""
     refresh_every: Optional[int] = None
@@ -283,7 +285,7 @@ class TrainConfig:
     epochs: float = 1.0
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: Optional[int] = None
-    """Optimizer steps to run; overrides epochs."""
+    """Optimizer steps to run; overrides epochs. Unset: train.epochs passes over the training data."""
     warmup_ratio: float = 0.05
     """Share of steps for linear warm-up before the cosine decay."""
     max_grad_norm: Optional[float] = 1.0
@@ -335,7 +337,8 @@ class CacheConfig:
     """The offline teacher cache: ``kdlm cache-teacher`` writes it once, ``kdlm distill`` trains from it (docs/cache.md)."""
 
     dir: Optional[str] = None
-    """Cache folder. cache-teacher writes it (resuming a killed run); distill with it set trains from it and never runs the teacher."""
+    """Cache folder. cache-teacher writes it (resuming a killed run); distill with it set trains from it and never runs the teacher.
+    Unset: distill runs the live teacher."""
     mode: Literal["topk", "sampled"] = "topk"
     """topk: the k most likely teacher tokens and the tail mass; sampled: tokens drawn from the teacher (unbiased, Sparse Logit Sampling)."""
     k: int = 16
