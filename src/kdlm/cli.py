@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
 
-from kdlm.config import Config, ConfigError, to_dict, validate
+from kdlm.config import Config, ConfigError, check_paths, to_dict, validate
 
 COMMANDS = ("distill", "eval", "validate", "cache-teacher", "report")
 DESCRIPTIONS = {
@@ -75,7 +75,8 @@ def build_parser(command: str) -> ArgumentParser:
 def parse_config(argv: Sequence[str], command: str = "distill") -> tuple[Config, dict]:
     """Parse ``argv`` (without the subcommand) into a validated :class:`Config` and the command's extra flags.
 
-    Raises :class:`ConfigError` naming the offending key for unknown keys, wrong types and contradictions.
+    Raises :class:`ConfigError` naming the offending key for unknown keys, wrong types, contradictions and local
+    paths that do not exist (:func:`kdlm.config.check_paths`).
     """
     parser = build_parser(command)
     try:
@@ -87,7 +88,7 @@ def parse_config(argv: Sequence[str], command: str = "distill") -> tuple[Config,
     extras = {k: built[k] for k in ("resume", "model") if k in built}
     if extras.get("resume"):
         cfg.train.resume = True
-    return validate(cfg), extras
+    return check_paths(validate(cfg), command), extras
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -504,6 +504,58 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+_LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def looks_local(name: str, *, data: bool = False) -> bool:
+    """Whether ``name`` can only mean a local path (and so must exist), not a hub name or a ``builtin:`` source.
+
+    Absolute paths and ones starting with ``.`` or ``~`` are local, as is a data file named by its suffix
+    (JSONL/JSON/parquet) and a relative path with two or more ``/`` (hub names are ``name`` or ``owner/name``).
+    Anything else that exists is local too; a missing ``owner/name`` is taken for a hub name.
+    """
+    if name.startswith("builtin:"):
+        return False
+    path = Path(name)
+    return (
+        path.is_absolute()
+        or name.startswith((".", "~"))
+        or (data and path.suffix in _LOCAL_DATA_SUFFIXES)
+        or name.count("/") >= 2
+        or path.exists()
+    )
+
+
+def check_paths(cfg: Config, command: str = "distill") -> Config:
+    """Refuse local paths of ``cfg`` that do not exist, naming each key and path, before anything is loaded.
+
+    Checked: data.train, data.eval, data.mixing.validation, objective.lm_data, teacher.name_or_path and the pretrained
+    student's name_or_path when they look like local paths (:func:`looks_local`), a GGUF file inside a local model
+    folder, and cache.dir for every command but ``cache-teacher`` (which writes it). Returns ``cfg``.
+    """
+    d, o, t, s = cfg.data, cfg.objective, cfg.teacher, cfg.student
+    data_keys = {"data.train": d.train, "data.eval": d.eval, "data.mixing.validation": d.mixing.validation,
+                 "objective.lm_data": o.lm_data}
+    models = {"teacher": t} if cfg.student.init == "prune_teacher" else {"teacher": t, "student": s}
+    errors: list[str] = []
+    for key, value in data_keys.items():
+        if value is not None and looks_local(value, data=True) and not Path(value).exists():
+            errors.append(f"{key}: {value} does not exist (give an existing JSONL/parquet file or datasets folder)")
+    for role, spec in models.items():
+        name = spec.name_or_path
+        if name is None or not looks_local(name):
+            continue
+        if not Path(name).exists():
+            errors.append(f"{role}.name_or_path: {name} does not exist (give a model folder or a hub name owner/name)")
+        elif spec.gguf_file is not None and not (Path(name) / spec.gguf_file).is_file():
+            errors.append(f"{role}.gguf_file: {Path(name) / spec.gguf_file} does not exist")
+    if cfg.cache.dir is not None and command != "cache-teacher" and not Path(cfg.cache.dir).is_dir():
+        errors.append(f"cache.dir: {cfg.cache.dir} does not exist (write it first with `kdlm cache-teacher`, or unset cache.dir)")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

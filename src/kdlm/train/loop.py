@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from kdlm.config import Config, save_resolved, to_dict
+from kdlm.config import Config, check_paths, save_resolved, to_dict
 from kdlm.data import collate, load_splits, read_examples, tokenize_examples
 from kdlm.errors import CheckpointError, DataError, TrainingError
 from kdlm.eval.report import evaluate_and_report, format_comparison
@@ -116,6 +116,7 @@ def distill(cfg: Config) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     started = time.time()
+    check_paths(cfg)  # a missing data or model path fails here, before any model is loaded or run directory made
     # 1. Run directory and resolved config.
     run_dir = Path(cfg.train.output_dir)
     accelerator = Accelerator(
