@@ -1,6 +1,7 @@
 """Teacher-forced evaluation and the `kdlm eval` command on tiny models."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -94,3 +95,46 @@ def test_eval_sampling_protocol_reports_mean_and_std_over_seeds(tiny, tmp_path, 
 def test_eval_command_without_model_is_a_clear_error(tiny, tmp_path, capsys):
     code = main(["eval", "--teacher.name_or_path", str(tiny["teacher"]), "--model", str(tmp_path / "nothing")])
     assert code == 1 and "no model here" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# issue 15: re-exports, the before/after table's changes and labels
+# --------------------------------------------------------------------------------------------------------------
+def test_losses_reexport_dpkd():
+    from kdlm.losses import dpkd
+
+    assert losses.dpkd_token_loss is dpkd.dpkd_token_loss and losses.dpkd_sequence_loss is dpkd.dpkd_sequence_loss
+    assert {"dpkd_token_loss", "dpkd_sequence_loss"} <= set(losses.__all__)
+
+
+@pytest.mark.parametrize(
+    "before, after, expected",
+    [
+        (2.0, 1.5, "-25.0%"),  # (1.5 - 2) / 2
+        (0.5, 0.55, "+10.0%"),
+        (float("nan"), 1.0, "—"),
+        (1.0, float("inf"), "—"),
+        (0.0, 0.25, "+0.25 (abs.)"),  # no relative change from zero
+        (0.001, 0.0579, "+0.0569 (abs.)"),  # a rate 0.001 -> 0.0579 is not "+5690%"
+        (4.0, 4.0, "+0.0%"),
+    ],
+)
+def test_format_change(before, after, expected):
+    from kdlm.report import format_change
+
+    assert format_change(before, after) == expected
+
+
+def test_comparison_table_never_prints_nan_percent_and_labels_references_by_source():
+    from kdlm.eval.report import format_comparison
+
+    before = {"overall": {"kl": 14.0, "teacher_ce": float("nan"), "cr@5": 0.001},
+              "samples": [{"prompt": "p", "reference": "given", "reference_source": "dataset", "student": "x"},
+                          {"prompt": "q", "reference": "written", "reference_source": "teacher", "student": "y"}]}
+    after = {"overall": {"kl": 7.0, "teacher_ce": float("nan"), "cr@5": 0.0579},
+             "samples": [{"prompt": "p", "student": "x2"}, {"prompt": "q", "student": "y2"}]}
+    text = format_comparison(before, after)
+    assert "nan%" not in text and "5690" not in text
+    assert "| -50.0% |" in text and "| — |" in text and "+0.0569 (abs.)" in text
+    assert re.search(r"\nreference: +given\n", text) and re.search(r"\nteacher: +written\n", text)
+    assert not re.search(r"teacher: +given", text)

@@ -111,7 +111,7 @@ def fill_teacher_responses(cfg: Config, teacher, tokenizer, examples: list[Examp
         if len(responses) == len(examples):
             log.info("teacher responses for %s: cached in %s", name, path)
             for example, response in zip(examples, responses):
-                example.response = response
+                example.response, example.response_source = response, "teacher"
             return
     if teacher is None:
         raise DataError(
@@ -140,4 +140,4 @@ def fill_teacher_responses(cfg: Config, teacher, tokenizer, examples: list[Examp
     os.replace(tmp, path)
     log.info("teacher responses for %s cached in %s", name, path)
     for example, response in zip(examples, responses):
-        example.response = response
+        example.response, example.response_source = response, "teacher"

@@ -28,6 +28,8 @@ class Example:
     domain: str
     origin: str
     """Where the record came from, e.g. ``data/train.jsonl:17``."""
+    response_source: str = "dataset"
+    """Who wrote ``response``: ``dataset`` (the record) or ``teacher`` (set by ``fill_teacher_responses``)."""
 
 
 def _jsonl_records(path: Path) -> Iterable[tuple[str, Any]]:
