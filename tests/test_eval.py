@@ -138,3 +138,24 @@ def test_comparison_table_never_prints_nan_percent_and_labels_references_by_sour
     assert "| -50.0% |" in text and "| — |" in text and "+0.0569 (abs.)" in text
     assert re.search(r"\nreference: +given\n", text) and re.search(r"\nteacher: +written\n", text)
     assert not re.search(r"teacher: +given", text)
+
+
+def test_log_lines_are_printed_once_after_rouge_score_is_used(tiny, tmp_path, capfd, monkeypatch):
+    import logging
+
+    from kdlm.eval.metrics import score_texts
+
+    # As in a real `kdlm eval`: no handler on the root logger (pytest's are set aside for this test), so that
+    # rouge-score's absl logging installs its stderr handler there on first use.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    score_texts(["a b"], ["a b"], ["d"])
+    assert logging.getLogger().handlers, "rouge-score no longer installs a root handler: this test needs another trigger"
+    distill(tiny_config(tiny, tmp_path, **{"train.max_steps": 1}))
+    capfd.readouterr()
+    code = main(["eval", "--teacher.name_or_path", str(tiny["teacher"]), "--data.train", str(tiny["train"]),
+                 "--data.eval", str(tiny["eval"]), "--student.num_layers", "2", "--eval.num_samples", "0",
+                 "--eval.gen_max_new_tokens", "4", "--model", str(tmp_path / "run" / "final")])
+    assert code == 0
+    err = capfd.readouterr().err
+    assert err.count("eval data:") == 1, err
+    assert err.count("eval generation: ROUGE-L") == 1, err

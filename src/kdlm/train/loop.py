@@ -31,6 +31,7 @@ from kdlm.data import collate, load_splits, read_examples, tokenize_examples
 from kdlm.errors import CheckpointError, DataError, TrainingError
 from kdlm.eval.report import evaluate_and_report, format_comparison
 from kdlm.generation import fill_teacher_responses
+from kdlm.logs import setup_logging
 from kdlm.models import load_models, save_student
 from kdlm.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.train.mixing import DomainMixer, write_mixing_report
@@ -69,18 +70,7 @@ def _batches(accelerator, loader, sampler: EpochSampler, state: TrainState) -> I
 
 def _setup_logging(run_dir: Path, is_main: bool) -> None:
     """kdlm's own loggers go to stderr and, on the main process, to ``train.log`` in the run directory."""
-    logger = logging.getLogger("kdlm")
-    for handler in [h for h in logger.handlers if getattr(h, "_kdlm", False)]:
-        logger.removeHandler(handler)
-        handler.close()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if is_main:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
-    for handler in handlers:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        handler._kdlm = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    setup_logging(run_dir / "train.log" if is_main else None, logging.INFO if is_main else logging.WARNING)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
