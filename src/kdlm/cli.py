@@ -1,7 +1,7 @@
 """The ``kdlm`` command line: one function per subcommand.
 
     kdlm distill [--config run.yaml] [--train.lr 1e-4 ...] [--resume]   train a student (no arguments: the demo)
-    kdlm eval    [--config run.yaml] [--model RUN_DIR/final]             evaluate a student against the teacher
+    kdlm eval    [--config run.yaml] [--model RUN_DIR/final] [--out DIR] evaluate a student against the teacher
     kdlm validate [--config run.yaml] [...]                              check + print the resolved config, run nothing
     kdlm cache-teacher --config run.yaml --cache.dir DIR                 run the teacher once, store its sparse signal
     kdlm report RUN_DIR [RUN_DIR ...] [--out DIR]                        one HTML page (+ markdown twin) about runs;
@@ -68,6 +68,13 @@ def build_parser(command: str) -> ArgumentParser:
             default=None,
             help="Student folder to evaluate (default: <train.output_dir>/final).",
         )
+        parser.add_argument(
+            "--out",
+            type=Optional[str],
+            default=None,
+            help="Folder for eval_<name>.json and predictions_<name>.jsonl (default: the model's parent folder, e.g. "
+            "the run directory of RUN/final; train.output_dir for a model inside the kdlm cache).",
+        )
     parser.add_class_arguments(Config, nested_key=None, fail_untyped=True)
     return parser
 
@@ -85,7 +92,7 @@ def parse_config(argv: Sequence[str], command: str = "distill") -> tuple[Config,
     except Exception as err:  # jsonargparse raises ArgumentError / ParserError with the key in the message
         raise ConfigError(str(err)) from None
     cfg = Config(**{f.name: built[f.name] for f in dataclasses.fields(Config)})
-    extras = {k: built[k] for k in ("resume", "model") if k in built}
+    extras = {k: built[k] for k in ("resume", "model", "out") if k in built}
     if extras.get("resume"):
         cfg.train.resume = True
     return check_paths(validate(cfg), command), extras
@@ -139,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             from kdlm.eval.run import evaluate_command
 
-            evaluate_command(cfg, model_path=extras.get("model"))
+            evaluate_command(cfg, model_path=extras.get("model"), out=extras.get("out"))
     except KdlmError as err:
         print(f"kdlm {command}: error: {err}", file=sys.stderr)
         return 1

@@ -340,11 +340,12 @@ class Models:
     """Rows of the output layer that are real tokens; padded rows beyond it are sliced off in every loss."""
 
 
-def load_models(cfg: Config, teacher_needed: bool = True) -> Models:
+def load_models(cfg: Config, teacher_needed: bool = True, teacher: Optional[nn.Module] = None) -> Models:
     """Teacher, student and tokenizer as the config says, with the tokenizer check done.
 
     ``teacher_needed=False`` (training from a teacher cache): the teacher is loaded only to prune the student from
-    it and is then dropped (``Models.teacher`` is None); with a pretrained student it is never loaded.
+    it and is then dropped (``Models.teacher`` is None); with a pretrained student it is never loaded. ``teacher``:
+    the teacher ``cfg.teacher`` names, already loaded (``kdlm eval`` keeps it across calls); it is not loaded again.
     """
     t, s = cfg.teacher, cfg.student
     cache = cfg.data.cache_dir
@@ -353,7 +354,8 @@ def load_models(cfg: Config, teacher_needed: bool = True) -> Models:
         return dict(gguf_file=spec.gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code, cache_dir=cache)
 
     tokenizer = load_tokenizer(t.name_or_path, **source(t))
-    teacher = load_model(t.name_or_path, dtype=t.dtype, **source(t)) if teacher_needed or s.init == "prune_teacher" else None
+    if teacher is None and (teacher_needed or s.init == "prune_teacher"):
+        teacher = load_model(t.name_or_path, dtype=t.dtype, **source(t))
     if s.init == "prune_teacher":
         keep = s.keep_layers or default_keep_layers(teacher.config.num_hidden_layers, s.num_layers)
         log.info("student: teacher layers %s of %d", keep, teacher.config.num_hidden_layers)
