@@ -185,3 +185,21 @@ def test_max_eval_examples_is_a_seeded_per_domain_sample(tmp_path):
     others = {tuple(e.origin for e in load_splits(cfg, seed=s)[1]) for s in range(2, 6)}
     assert len(others | {tuple(again)}) > 1  # another seed, another sample
     assert [e.domain for e in evaluation] != ["a"] * 8
+
+
+@pytest.mark.parametrize("key", ["data.eval", "data.mixing.validation", "objective.lm_data"])
+def test_non_utf8_bytes_in_any_file_of_a_run_are_one_line_with_file_and_line(key, tiny, tmp_path, capsys):
+    from kdlm.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "response": "b", "domain": "alpha", "text": "fine text"}\n' + LATIN1_LINE)
+    extra = {"data.mixing.validation": ["--data.mixing.strategy", "equal"],
+             "objective.lm_data": ["--objective.name", "dpkd"]}.get(key, [])
+    argv = ["distill", "--teacher.name_or_path", str(tiny["teacher"]), "--student.num_layers", "2",
+            "--data.train", str(tiny["train"]), "--data.eval", str(tiny["eval"]), "--data.max_eval_examples", "null",
+            "--data.cache_dir", str(tmp_path / "cache"), "--train.output_dir", str(tmp_path / "run"),
+            "--train.max_steps", "1", "--train.batch_size", "4", "--train.progress", "false", "--eval.enabled", "false",
+            *extra, f"--{key}", str(bad)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not UTF-8" in err and "Traceback" not in err
