@@ -531,7 +531,8 @@ def check_paths(cfg: Config, command: str = "distill") -> Config:
 
     Checked: data.train, data.eval, data.mixing.validation, objective.lm_data, teacher.name_or_path and the pretrained
     student's name_or_path when they look like local paths (:func:`looks_local`), a GGUF file inside a local model
-    folder, and cache.dir for every command but ``cache-teacher`` (which writes it). Returns ``cfg``.
+    folder, and cache.dir for ``distill`` and ``validate`` (``cache-teacher`` writes it, ``eval`` does not read it).
+    Returns ``cfg``.
     """
     d, o, t, s = cfg.data, cfg.objective, cfg.teacher, cfg.student
     data_keys = {"data.train": d.train, "data.eval": d.eval, "data.mixing.validation": d.mixing.validation,
@@ -549,7 +550,7 @@ def check_paths(cfg: Config, command: str = "distill") -> Config:
             errors.append(f"{role}.name_or_path: {name} does not exist (give a model folder or a hub name owner/name)")
         elif spec.gguf_file is not None and not (Path(name) / spec.gguf_file).is_file():
             errors.append(f"{role}.gguf_file: {Path(name) / spec.gguf_file} does not exist")
-    if cfg.cache.dir is not None and command != "cache-teacher" and not Path(cfg.cache.dir).is_dir():
+    if cfg.cache.dir is not None and command in ("distill", "validate") and not Path(cfg.cache.dir).is_dir():
         errors.append(f"cache.dir: {cfg.cache.dir} does not exist (write it first with `kdlm cache-teacher`, or unset cache.dir)")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
