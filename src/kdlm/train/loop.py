@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -28,12 +28,14 @@ from tqdm.auto import tqdm
 
 from kdlm.config import Config, save_resolved, to_dict
 from kdlm.data import collate, load_splits, read_examples, tokenize_examples
-from kdlm.errors import CheckpointError, DataError, TrainingError
+from kdlm.errors import CheckpointError, DataError, RunDirError, TrainingError
 from kdlm.eval.report import evaluate_and_report, format_comparison
 from kdlm.generation import fill_teacher_responses
 from kdlm.models import load_models, save_student
-from kdlm.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from kdlm.train.checkpoint import (TrainState, latest_checkpoint, latest_intact_checkpoint, load_checkpoint,
+                                  save_checkpoint)
 from kdlm.train.mixing import DomainMixer, write_mixing_report
+from kdlm.train.rundir import claim_run_dir
 from kdlm.train.objectives import DecoderOnly, make_objective, response_positions
 
 log = logging.getLogger("kdlm")
@@ -111,7 +113,7 @@ def peak_rss_gb() -> float:
 def distill(cfg: Config) -> dict:
     """Train the student as ``cfg`` says; returns the run summary (also written to summary.json)."""
     from accelerate import Accelerator
-    from accelerate.utils import broadcast
+    from accelerate.utils import broadcast, broadcast_object_list
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -123,19 +125,39 @@ def distill(cfg: Config) -> dict:
         log_with=cfg.train.trackers or None,
         project_dir=str(run_dir),
     )
+    # Process 0 alone looks at the directory (refuse, or move the old run aside); every process then raises the same
+    # error, before anything is written or any model is loaded.
+    refusal: list[Optional[str]] = [None]
+    backup: Optional[Path] = None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+        try:
+            backup = claim_run_dir(run_dir, cfg.train.resume, cfg.train.overwrite)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except RunDirError as error:
+            refusal[0] = str(error)
+    broadcast_object_list(refusal, from_process=0)
+    if refusal[0] is not None:
+        raise RunDirError(refusal[0])
     _setup_logging(run_dir, accelerator.is_main_process)
+    if accelerator.is_main_process and backup is not None:
+        log.warning("train.overwrite: the earlier run in %s was moved to %s", run_dir, backup)
     resume_from = None
     if cfg.train.resume:
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
+        # Process 0 verifies the checkpoints' files (sizes, sha256) and every process resumes from its choice.
+        found: list = [None]
+        if accelerator.is_main_process:
+            try:
+                found[0] = latest_intact_checkpoint(run_dir)
+            except CheckpointError as error:
+                found[0] = error
+        broadcast_object_list(found, from_process=0)
+        if isinstance(found[0], CheckpointError):
+            raise CheckpointError(str(found[0]))
+        if found[0] is None:
             raise CheckpointError(f"--resume: no complete checkpoint in {run_dir} (set train.save_every to write some)")
+        resume_from = Path(found[0])
     if accelerator.is_main_process:
         save_resolved(cfg, run_dir / "config.yaml")
-        if not cfg.train.resume:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if cfg.train.trackers:
         # Trackers such as tensorboard take flat scalar hyper-parameters: "train.lr" -> 3e-4.
         flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(to_dict(cfg)).items()}
