@@ -17,6 +17,7 @@ import resource
 import signal
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -111,20 +112,68 @@ def peak_rss_gb() -> float:
 
 
 def distill(cfg: Config) -> dict:
-    """Train the student as ``cfg`` says; returns the run summary (also written to summary.json)."""
+    """Train the student as ``cfg`` says; returns the run summary (also written to summary.json).
+
+    Under several processes (torchrun, accelerate launch) accelerate creates the process group here, and this
+    function also takes it down, in an order that cannot deadlock (see :func:`_teardown`).
+    """
     from accelerate import Accelerator
+
+    started = time.time()
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=cfg.train.trackers or None,
+        project_dir=cfg.train.output_dir,
+    )
+    clean = False
+    try:
+        summary = _train(cfg, accelerator, started)
+        clean = True
+        return summary
+    except BaseException as error:
+        # The traceback keeps _train's frame alive, and with it the DDP model: clear the frames' locals (the
+        # traceback still prints) so that the model is freed before the process group, as on success.
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        _teardown(accelerator, owns_group, clean)
+
+
+def _teardown(accelerator, owns_group: bool, clean: bool) -> None:
+    """Finish trackers, free the prepared model/optimizer/loader, then destroy the process group if kdlm made it.
+
+    Why this order: gloo joins its worker threads when the process group object is destroyed, and a worker may
+    still need the GIL to release the tensors of its last collective. ``accelerator.end_training()`` used to
+    unregister the group while the DDP model still held it, so the group died later inside the DDP reducer's
+    destructor, which runs holding the GIL: the main thread waited for the worker, the worker for the GIL (the
+    hang at exit seen under CPU load). Here every process first passes a barrier (all collectives done), the DDP
+    model is freed while the group is still registered, and the group is then destroyed from Python, which
+    releases the GIL while gloo joins its threads. A group created by the caller is left alone. ``clean`` is
+    False after an error: no barrier then (the other processes may never reach it).
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.free_memory()  # accelerate's own references to the prepared objects; runs gc
+    if owns_group and torch.distributed.is_initialized():
+        from accelerate.state import AcceleratorState, GradientState
+
+        if clean:
+            accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+        # accelerate's singletons describe the group just destroyed: a later distill() in this process builds anew.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def _train(cfg: Config, accelerator, started: float) -> dict:
+    """Steps 1-8 of the module docstring on a ready ``accelerator``; its locals die on return (see _teardown)."""
     from accelerate.utils import broadcast, broadcast_object_list
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    started = time.time()
     # 1. Run directory and resolved config.
     run_dir = Path(cfg.train.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=cfg.train.trackers or None,
-        project_dir=str(run_dir),
-    )
     # Process 0 alone looks at the directory (refuse, or move the old run aside); every process then raises the same
     # error, before anything is written or any model is loaded.
     refusal: list[Optional[str]] = [None]
@@ -361,5 +410,4 @@ def distill(cfg: Config) -> dict:
             (run_dir / "comparison.md").write_text(comparison + "\n")
             print(comparison, flush=True)
         log.info("done in %.0f s, peak memory %.2f GB; student saved to %s", summary["wall_s"], summary["peak_rss_gb"], run_dir / "final")
-    accelerator.end_training()
     return summary
