@@ -336,8 +336,8 @@ def test_a_cache_for_another_run_is_refused(tiny, tmp_path):
         ({"teacher.name_or_path": str(tiny["student"]), "student.init": "pretrained",
           "student.name_or_path": str(tiny["student"])}, "another teacher"),
     ]
-    for change, message in cases:
-        other = _cache_cfg(tiny, tmp_path / "x", **{"cache.k": 4, "cache.dir": cfg.cache.dir, **change})
+    for index, (change, message) in enumerate(cases):  # one run dir each: a refused start still leaves config.yaml
+        other = _cache_cfg(tiny, tmp_path / f"x{index}", **{"cache.k": 4, "cache.dir": cfg.cache.dir, **change})
         with pytest.raises(CacheError, match=message):
             distill(other)
         with pytest.raises(CacheError, match="another run"):  # and cache-teacher will not overwrite it
@@ -385,6 +385,9 @@ def test_torn_missing_and_escaping_shards_are_refused(tiny, tmp_path):
 
 def test_missing_cache_and_config_errors(tiny, tmp_path, monkeypatch):
     cfg = _cache_cfg(tiny, tmp_path, **{"cache.dir": str(tmp_path / "nothing")})
+    with pytest.raises(ConfigError, match="cache.dir: .*nothing does not exist.*kdlm cache-teacher"):
+        distill(cfg)  # checked before any model is loaded
+    (tmp_path / "nothing").mkdir()
     with pytest.raises(CacheError, match="manifest.json is missing.*kdlm cache-teacher"):
         distill(cfg)
     with pytest.raises(ConfigError, match="objective.name=kd"):

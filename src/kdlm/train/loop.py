@@ -17,24 +17,28 @@ import resource
 import signal
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from kdlm.config import Config, save_resolved, to_dict
+from kdlm.config import Config, check_paths, save_resolved, to_dict
 from kdlm.data import collate, load_splits, read_examples, tokenize_examples
 from kdlm.data.align import collate_pairs, tokenize_pairs
-from kdlm.errors import CheckpointError, DataError, TrainingError
+from kdlm.errors import CheckpointError, DataError, RunDirError, TrainingError
 from kdlm.eval.report import evaluate_and_report, format_comparison
 from kdlm.generation import fill_teacher_responses
+from kdlm.logs import setup_logging
 from kdlm.models import load_models, save_student
-from kdlm.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from kdlm.train.checkpoint import (TrainState, latest_checkpoint, latest_intact_checkpoint, load_checkpoint,
+                                  save_checkpoint)
 from kdlm.train.mixing import DomainMixer, write_mixing_report
+from kdlm.train.rundir import claim_run_dir
 from kdlm.train.objectives import DecoderOnly, make_objective, response_positions
 
 log = logging.getLogger("kdlm")
@@ -70,18 +74,7 @@ def _batches(accelerator, loader, sampler: EpochSampler, state: TrainState) -> I
 
 def _setup_logging(run_dir: Path, is_main: bool) -> None:
     """kdlm's own loggers go to stderr and, on the main process, to ``train.log`` in the run directory."""
-    logger = logging.getLogger("kdlm")
-    for handler in [h for h in logger.handlers if getattr(h, "_kdlm", False)]:
-        logger.removeHandler(handler)
-        handler.close()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if is_main:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
-    for handler in handlers:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        handler._kdlm = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    setup_logging(run_dir / "train.log" if is_main else None, logging.INFO if is_main else logging.WARNING)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -104,39 +97,131 @@ def _truncate_metrics(path: Path, step: int) -> None:
     tmp.replace(path)  # atomic: a crash here leaves the old or the new file, never half of one
 
 
+def reset_peak_rss() -> str:
+    """Start measuring peak memory now; returns the scope :func:`peak_rss_gb` will report: ``run`` or ``process``.
+
+    Linux (4.0+) lets a process reset its resident-set high-water mark (``/proc/self/clear_refs``, value 5) to its
+    current size, so the peak read at the end of a run is that run's own, even when the process ran something
+    bigger before (runs started in-process by a benchmark or the tests). Where the reset is not possible the peak
+    is the whole process's since it started: ``process``.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return "process"
+    return "run"
+
+
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process in GB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory in GB since the last :func:`reset_peak_rss` (or since the process started):
+    ``VmHWM`` of /proc/self/status, else ``ru_maxrss`` (which Linux reports in KiB, and resets with it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def distill(cfg: Config) -> dict:
-    """Train the student as ``cfg`` says; returns the run summary (also written to summary.json)."""
+    """Train the student as ``cfg`` says; returns the run summary (also written to summary.json).
+
+    Under several processes (torchrun, accelerate launch) accelerate creates the process group here, and this
+    function also takes it down, in an order that cannot deadlock (see :func:`_teardown`).
+    """
     from accelerate import Accelerator
-    from accelerate.utils import broadcast
-    from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
 
     started = time.time()
-    # 1. Run directory and resolved config.
-    run_dir = Path(cfg.train.output_dir)
+    check_paths(cfg)  # a missing data or model path fails here, before any model is loaded or run directory made
+    peak_rss_scope = reset_peak_rss()
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         log_with=cfg.train.trackers or None,
-        project_dir=str(run_dir),
+        project_dir=cfg.train.output_dir,
     )
+    clean = False
+    try:
+        summary = _train(cfg, accelerator, started, peak_rss_scope)
+        clean = True
+        return summary
+    except BaseException as error:
+        # The traceback keeps _train's frame alive, and with it the DDP model: clear the frames' locals (the
+        # traceback still prints) so that the model is freed before the process group, as on success.
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        _teardown(accelerator, owns_group, clean)
+
+
+def _teardown(accelerator, owns_group: bool, clean: bool) -> None:
+    """Finish trackers, free the prepared model/optimizer/loader, then destroy the process group if kdlm made it.
+
+    Why this order: gloo joins its worker threads when the process group object is destroyed, and a worker may
+    still need the GIL to release the tensors of its last collective. ``accelerator.end_training()`` used to
+    unregister the group while the DDP model still held it, so the group died later inside the DDP reducer's
+    destructor, which runs holding the GIL: the main thread waited for the worker, the worker for the GIL (the
+    hang at exit seen under CPU load). Here every process first passes a barrier (all collectives done), the DDP
+    model is freed while the group is still registered, and the group is then destroyed from Python, which
+    releases the GIL while gloo joins its threads. A group created by the caller is left alone. ``clean`` is
+    False after an error: no barrier then (the other processes may never reach it).
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.free_memory()  # accelerate's own references to the prepared objects; runs gc
+    if owns_group and torch.distributed.is_initialized():
+        from accelerate.state import AcceleratorState, GradientState
+
+        if clean:
+            accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+        # accelerate's singletons describe the group just destroyed: a later distill() in this process builds anew.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def _train(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dict:
+    """Steps 1-8 of the module docstring on a ready ``accelerator``; its locals die on return (see _teardown)."""
+    from accelerate.utils import broadcast, broadcast_object_list
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    # 1. Run directory and resolved config.
+    run_dir = Path(cfg.train.output_dir)
+    # Process 0 alone looks at the directory (refuse, or move the old run aside); every process then raises the same
+    # error, before anything is written or any model is loaded.
+    refusal: list[Optional[str]] = [None]
+    backup: Optional[Path] = None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+        try:
+            backup = claim_run_dir(run_dir, cfg.train.resume, cfg.train.overwrite)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except RunDirError as error:
+            refusal[0] = str(error)
+    broadcast_object_list(refusal, from_process=0)
+    if refusal[0] is not None:
+        raise RunDirError(refusal[0])
     _setup_logging(run_dir, accelerator.is_main_process)
+    if accelerator.is_main_process and backup is not None:
+        log.warning("train.overwrite: the earlier run in %s was moved to %s", run_dir, backup)
     resume_from = None
     if cfg.train.resume:
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
+        # Process 0 verifies the checkpoints' files (sizes, sha256) and every process resumes from its choice.
+        found: list = [None]
+        if accelerator.is_main_process:
+            try:
+                found[0] = latest_intact_checkpoint(run_dir)
+            except CheckpointError as error:
+                found[0] = error
+        broadcast_object_list(found, from_process=0)
+        if isinstance(found[0], CheckpointError):
+            raise CheckpointError(str(found[0]))
+        if found[0] is None:
             raise CheckpointError(f"--resume: no complete checkpoint in {run_dir} (set train.save_every to write some)")
+        resume_from = Path(found[0])
     if accelerator.is_main_process:
         save_resolved(cfg, run_dir / "config.yaml")
-        if not cfg.train.resume:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if cfg.train.trackers:
         # Trackers such as tensorboard take flat scalar hyper-parameters: "train.lr" -> 3e-4.
         flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(to_dict(cfg)).items()}
@@ -349,7 +434,7 @@ def distill(cfg: Config) -> dict:
     if mixer is not None and accelerator.is_main_process:
         summary["mixing"] = write_mixing_report(mixer.history, run_dir)
     summary["wall_s"] = time.time() - started
-    summary["peak_rss_gb"] = peak_rss_gb()
+    summary["peak_rss_gb"], summary["peak_rss_scope"] = peak_rss_gb(), peak_rss_scope
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if "before" in summary and "after" in summary:
@@ -357,5 +442,4 @@ def distill(cfg: Config) -> dict:
             (run_dir / "comparison.md").write_text(comparison + "\n")
             print(comparison, flush=True)
         log.info("done in %.0f s, peak memory %.2f GB; student saved to %s", summary["wall_s"], summary["peak_rss_gb"], run_dir / "final")
-    accelerator.end_training()
     return summary
