@@ -181,3 +181,10 @@ def test_short_run_lowers_the_loss_and_heldout_ce(cross_setup, tmp_path, method,
     # The saved student carries the student's tokenizer, not the teacher's.
     saved = json.loads((tmp_path / "run" / "final" / "tokenizer.json").read_text())
     assert saved["model"]["vocab"].keys() == json.loads(cross_setup["student"].joinpath("tokenizer.json").read_text())["model"]["vocab"].keys()
+    if method == "align":  # `kdlm eval` of the result: the student's own tokenizer, no token-level KL
+        from kdlm.eval.run import evaluate_command
+
+        cfg.eval.gen_max_new_tokens = 4
+        result = evaluate_command(cfg, out=str(tmp_path / "eval"))
+        assert "kl" not in result["overall"]
+        assert result["overall"]["student_ce"] == pytest.approx(after["student_ce"], rel=1e-4)

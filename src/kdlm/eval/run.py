@@ -84,15 +84,18 @@ def evaluate_command(cfg: Config, model_path: Optional[str] = None, out: Optiona
     out_dir = output_folder(path, cfg, out)
     out_dir.mkdir(parents=True, exist_ok=True)
     _, eval_examples, has_responses = load_splits(cfg.data, cfg.train.seed)
+    # objective.cross_tokenizer: the teacher writes with its own tokenizer, and no token-level KL is defined.
+    cross_tokenizer = models.teacher_tokenizer is not None
     if not has_responses:
-        fill_teacher_responses(cfg, teacher, models.tokenizer, eval_examples, "eval")
+        fill_teacher_responses(cfg, teacher, models.teacher_tokenizer if cross_tokenizer else models.tokenizer,
+                               eval_examples, "eval")
     items, counts = tokenize_examples(
         eval_examples, models.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
         max_length=cfg.data.max_length, system_prompt=cfg.data.system_prompt,
     )
     log.info(counts.summary("eval data"))
     result = evaluate_and_report(
-        student, tag=path.name, cfg=cfg, teacher=teacher, tokenizer=models.tokenizer,
+        student, tag=path.name, cfg=cfg, teacher=None if cross_tokenizer else teacher, tokenizer=models.tokenizer,
         vocab_size=models.vocab_size, eval_items=items, eval_examples=eval_examples, run_dir=out_dir,
     )
     result["generation"] = generation_metrics(cfg, student, models.tokenizer, eval_examples,
