@@ -214,8 +214,8 @@ def _shard_arrays(
     teacher, items: list[Tokenized], cfg: Config, vocab_size: int, pad_id: int, bar
 ) -> dict[str, torch.Tensor]:
     """The signal arrays of one shard's examples (teacher forward in batches that never leave the shard)."""
-    from kdlm.data.format import collate
-    from kdlm.train.objectives import DecoderOnly, OutputHead, response_positions
+    from kdlm.data.format import collate, response_positions
+    from kdlm.models import DecoderOnly, OutputHead
 
     c = cfg.cache
     value_dtype, ids_dtype = _DTYPES[c.dtype], id_dtype(vocab_size)

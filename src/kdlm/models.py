@@ -233,6 +233,70 @@ def is_peft_model(model: nn.Module) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside data-parallel wrappers (DDP, FSDP keep the wrapped module as ``.module``)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+class DecoderOnly(nn.Module):
+    """Wraps a causal LM so that ``forward`` returns the decoder's final hidden states, not logits.
+
+    The output layer is applied by the loss (fused with the divergence, chunk by chunk). This wrapper is the
+    module handed to ``accelerator.prepare`` so data-parallel wrappers see the forward pass.
+
+    ``lm`` is a Hugging Face causal LM or a peft ``PeftModel`` around one (LoRA student). The hidden states come
+    from the causal LM's decoder (its ``base_model``, e.g. ``LlamaModel``); for a ``PeftModel`` that is the decoder
+    of the wrapped model, whose targeted layers carry the adapters (peft's own ``base_model`` is the LoRA wrapper,
+    which returns logits).
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def decoder(self) -> nn.Module:
+        lm = self.lm
+        if is_peft_model(lm):
+            lm = lm.get_base_model()
+        return lm.base_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@dataclass
+class OutputHead:
+    """The output layer of a causal LM as the fused loss needs it: logits = softcap(scale * (h @ W[:V].T + b))."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    scale: float
+    softcap: Optional[float]
+
+    @classmethod
+    def of(cls, lm: nn.Module, vocab_size: int) -> "OutputHead":
+        head = lm.get_output_embeddings()
+        config = lm.config
+        scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere multiplies logits
+        if getattr(config, "logits_scaling", None):  # Granite divides them
+            scale /= float(config.logits_scaling)
+        softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2
+        bias = head.bias[:vocab_size] if getattr(head, "bias", None) is not None else None
+        # Rows past the tokenizer's vocabulary are padding (e.g. 152064 vs 151936): never part of any softmax.
+        return cls(head.weight[:vocab_size], bias, scale, float(softcap) if softcap else None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = hidden @ self.weight.T
+        if self.bias is not None:
+            logits = logits + self.bias
+        logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
 def _matches(module_name: str, target: str) -> bool:
     """peft's rule for a list of target names: the module's full name or its last dotted components."""
     return module_name == target or module_name.endswith("." + target)

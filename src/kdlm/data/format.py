@@ -128,5 +128,12 @@ def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "prompt_lengths": prompt_lengths}
 
 
+def response_positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [B, L-1] of positions whose NEXT token is a response token, and those next tokens [N]."""
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    return mask, targets[mask]
+
+
 def domain_counts(items: list[Tokenized]) -> dict[str, int]:
     return dict(Counter(item.domain for item in items))

@@ -31,10 +31,11 @@ from kdlm.data import collate, load_splits, read_examples, tokenize_examples
 from kdlm.errors import CheckpointError, DataError, TrainingError
 from kdlm.eval.report import evaluate_and_report, format_comparison
 from kdlm.generation import fill_teacher_responses
-from kdlm.models import load_models, save_student
+from kdlm.data.format import response_positions
+from kdlm.models import DecoderOnly, load_models, save_student
 from kdlm.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.train.mixing import DomainMixer, write_mixing_report
-from kdlm.train.objectives import DecoderOnly, make_objective, response_positions
+from kdlm.train.objectives import make_objective
 
 log = logging.getLogger("kdlm")
 

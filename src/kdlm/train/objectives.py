@@ -17,67 +17,9 @@ from torch import nn
 
 from kdlm import losses
 from kdlm.config import ObjectiveConfig
-from kdlm.data.format import IGNORE
+from kdlm.data.format import IGNORE, response_positions
 from kdlm.losses.sparse import sparse_divergence
-
-
-class DecoderOnly(nn.Module):
-    """Wraps a causal LM so that ``forward`` returns the decoder's final hidden states, not logits.
-
-    The output layer is applied by the loss (fused with the divergence, chunk by chunk). This wrapper is the
-    module handed to ``accelerator.prepare`` so data-parallel wrappers see the forward pass.
-
-    ``lm`` is a Hugging Face causal LM or a peft ``PeftModel`` around one (LoRA student). The hidden states come
-    from the causal LM's decoder (its ``base_model``, e.g. ``LlamaModel``); for a ``PeftModel`` that is the decoder
-    of the wrapped model, whose targeted layers carry the adapters (peft's own ``base_model`` is the LoRA wrapper,
-    which returns logits).
-    """
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def decoder(self) -> nn.Module:
-        from kdlm.models import is_peft_model
-
-        lm = self.lm
-        if is_peft_model(lm):
-            lm = lm.get_base_model()
-        return lm.base_model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-@dataclass
-class OutputHead:
-    """The output layer of a causal LM as the fused loss needs it: logits = softcap(scale * (h @ W[:V].T + b))."""
-
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    scale: float
-    softcap: Optional[float]
-
-    @classmethod
-    def of(cls, lm: nn.Module, vocab_size: int) -> "OutputHead":
-        head = lm.get_output_embeddings()
-        config = lm.config
-        scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere multiplies logits
-        if getattr(config, "logits_scaling", None):  # Granite divides them
-            scale /= float(config.logits_scaling)
-        softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2
-        bias = head.bias[:vocab_size] if getattr(head, "bias", None) is not None else None
-        # Rows past the tokenizer's vocabulary are padding (e.g. 152064 vs 151936): never part of any softmax.
-        return cls(head.weight[:vocab_size], bias, scale, float(softcap) if softcap else None)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = hidden @ self.weight.T
-        if self.bias is not None:
-            logits = logits + self.bias
-        logits = logits * self.scale
-        if self.softcap is not None:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
+from kdlm.models import DecoderOnly, OutputHead, unwrap
 
 
 @dataclass
@@ -92,19 +34,6 @@ Objective = Callable[[nn.Module, dict], StepOutput]
 """An objective may also define ``prepare_window(window, *, step, student_lm, process_index) -> (window, stats)``
 (on-policy methods rewrite the step's batches with sampled responses; ``stats`` are logged as they are) and
 ``units(batch) -> int`` (what the loss is averaged over; default: response tokens)."""
-
-
-def response_positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask [B, L-1] of positions whose NEXT token is a response token, and those next tokens [N]."""
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE
-    return mask, targets[mask]
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    while hasattr(module, "module"):  # DDP / FSDP wrappers
-        module = module.module
-    return module
 
 
 def make_objective(
@@ -162,7 +91,7 @@ class _SFT:
     def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
         mask, targets = response_positions(batch)
         hidden = student(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
-        head = OutputHead.of(_unwrap(student).lm, self.vocab_size)
+        head = OutputHead.of(unwrap(student).lm, self.vocab_size)
         nll = losses.token_nll(head.logits(hidden), targets).sum()
         return StepOutput(nll, {"ce": float(nll.detach())})
 
@@ -222,7 +151,7 @@ class _KD:
         cfg = self.cfg
         mask, targets = response_positions(batch)
         student_hidden = student(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
-        s_head = OutputHead.of(_unwrap(student).lm, self.vocab_size)
+        s_head = OutputHead.of(unwrap(student).lm, self.vocab_size)
         cache = getattr(self, "cache", None)
         if cache is not None:
             teacher_rows, t_head = cache.payload(batch), None

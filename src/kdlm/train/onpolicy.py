@@ -40,7 +40,8 @@ from kdlm import losses
 from kdlm.config import ObjectiveConfig
 from kdlm.data.format import IGNORE
 from kdlm.losses.dpkd import dpkd_sequence_loss, dpkd_sequence_stats
-from kdlm.train.objectives import DecoderOnly, OutputHead, StepOutput, _KD, _unwrap, plain_text_loss
+from kdlm.models import DecoderOnly, OutputHead, unwrap
+from kdlm.train.objectives import StepOutput, _KD, plain_text_loss
 from kdlm.train.rollout import sample_responses
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ class DPKDSequence:
         return logp, mask
 
     def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
-        s_head = OutputHead.of(_unwrap(student).lm, self.vocab_size)
+        s_head = OutputHead.of(unwrap(student).lm, self.vocab_size)
         t_head = OutputHead.of(self.teacher, self.vocab_size)
         sides = {}
         for side, prefix in (("chosen", ""), ("rejected", "rejected_")):
