@@ -107,7 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif command == "cache-teacher":
             from kdlm.cache import build_cache
 
-            _setup_cli_logging()
+            from kdlm.logs import setup_logging
+
+            setup_logging(keep_existing=True)  # no run directory: stderr only
             build_cache(cfg)
         else:
             from kdlm.eval.run import evaluate_command
@@ -117,18 +119,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kdlm {command}: error: {err}", file=sys.stderr)
         return 1
     return 0
-
-
-def _setup_cli_logging() -> None:
-    """kdlm's log lines on stderr for commands that have no run directory of their own."""
-    import logging
-
-    logger = logging.getLogger("kdlm")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

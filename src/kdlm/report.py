@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
-from kdlm import __version__
+from kdlm import __version__, registry
 from kdlm.errors import KdlmError
 
 __all__ = ["ReportError", "RunData", "build_report", "default_out_dir", "fmt_number", "load_run", "report_main"]
@@ -384,20 +384,20 @@ def _slug(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ sections
-LOSS_TERMS = [("loss", "training loss (per unit)"), ("ce", "cross-entropy term"), ("kd", "divergence term"),
-              ("dpkd", "DPKD preference term"), ("pg_surrogate", "policy-gradient surrogate"), ("lm", "plain-text LM term"),
-              ("rank", "ranking term (1 − ρ)"), ("base", "base divergence (RLKD)")]
+# The training loss, then every objective's logged terms (kdlm.registry.OBJECTIVES states them).
+LOSS_TERMS = [("loss", "training loss (per unit)"), *registry.loss_terms().items()]
 
 
 def _overview(runs: list[RunData]) -> Section:
     rows = []
     for run in runs:
         cfg = run.config
-        method = [str(_get(cfg, "objective.name") or "?")]
-        if _get(cfg, "objective.name") in (None, "kd", "rlkd", "gkd") and _get(cfg, "objective.divergence"):
-            method.append(str(_get(cfg, "objective.divergence")))
-        if _get(cfg, "objective.name") == "dpkd" and _get(cfg, "objective.dpkd_form"):
-            method.append(str(_get(cfg, "objective.dpkd_form")))
+        name = _get(cfg, "objective.name")
+        method = [str(name or "?")]
+        spec = registry.OBJECTIVES.get(name or "kd")  # None: a config from before objective.name existed
+        for key in spec.shown if spec is not None else ():
+            if _get(cfg, f"objective.{key}"):
+                method.append(str(_get(cfg, f"objective.{key}")))
         mixing = _get(cfg, "data.mixing.strategy")
         if mixing and mixing != "none":
             method.append(f"mixing {mixing}")

@@ -17,8 +17,9 @@ from kdlm.data import load_splits, tokenize_examples
 from kdlm.errors import ModelError
 from kdlm.data import render_prompt
 from kdlm.eval.metrics import mean_std, score_texts
-from kdlm.eval.report import evaluate_and_report
+from kdlm.eval.heldout import evaluate_and_report
 from kdlm.generation import fill_teacher_responses, generate
+from kdlm.logs import setup_logging
 from kdlm.models import load_models
 
 log = logging.getLogger("kdlm")
@@ -27,11 +28,7 @@ log = logging.getLogger("kdlm")
 def evaluate_command(cfg: Config, model_path: Optional[str] = None) -> dict:
     """Evaluate the student at ``model_path`` (default ``<train.output_dir>/final``) against ``cfg.teacher``
     on ``cfg.data``'s evaluation split; writes ``eval_<name>.json`` next to the model and prints the summary."""
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    setup_logging(keep_existing=True)
     path = Path(model_path or Path(cfg.train.output_dir) / "final")
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no model here (expected config.json); pass --model or train first")
