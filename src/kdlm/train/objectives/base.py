@@ -14,7 +14,7 @@ from typing import Any, Optional, Protocol
 import torch
 from torch import nn
 
-from kdlm.data.format import response_positions
+from kdlm.data.format import Batch, response_positions
 
 
 @dataclass
@@ -50,17 +50,17 @@ class BuildContext:
 class Objective(Protocol):
     """A training objective (one class per ``objective.name``, listed in :data:`kdlm.registry.OBJECTIVES`)."""
 
-    def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
+    def __call__(self, student: nn.Module, batch: Batch) -> StepOutput:
         """Loss and metric SUMS over ``batch``'s units; ``student`` is the :class:`kdlm.models.DecoderOnly` wrapper."""
         ...
 
-    def prepare_window(self, window: list[dict], *, step: int, student_lm: nn.Module,
-                       process_index: int) -> tuple[list[dict], dict[str, float]]:
+    def prepare_window(self, window: list[Batch], *, step: int, student_lm: nn.Module,
+                       process_index: int) -> tuple[list[Batch], dict[str, float]]:
         """Rewrite one optimizer step's micro-batches before the loss (on-policy methods sample responses here);
         returns them and stats that are logged as they are."""
         ...
 
-    def units(self, batch: dict) -> int:
+    def units(self, batch: Batch) -> int:
         """What the loss is averaged over in ``batch`` (response tokens, or e.g. DPKD's pairs)."""
         ...
 
@@ -68,10 +68,10 @@ class Objective(Protocol):
 class ObjectiveBase:
     """Defaults of the optional protocol methods: the window is used as drawn, units are response tokens."""
 
-    def prepare_window(self, window: list[dict], *, step: int, student_lm: nn.Module,
-                       process_index: int) -> tuple[list[dict], dict[str, float]]:
+    def prepare_window(self, window: list[Batch], *, step: int, student_lm: nn.Module,
+                       process_index: int) -> tuple[list[Batch], dict[str, float]]:
         return window, {}
 
-    def units(self, batch: dict) -> int:
+    def units(self, batch: Batch) -> int:
         return int(response_positions(batch)[0].sum())
 
