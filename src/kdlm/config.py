@@ -374,6 +374,8 @@ def validate(cfg: Config) -> Config:
     (objective.divergence and objective.kd_ratio, see their help). Returns ``cfg``."""
     s, o, t, d = cfg.student, cfg.objective, cfg.train, cfg.data
     errors: list[str] = []
+    if o.name not in OBJECTIVES:  # the CLI's parser already refuses these; a Config built in Python may not
+        raise ConfigError(f"invalid configuration: objective.name must be one of {', '.join(OBJECTIVES)}, got {o.name!r}")
     spec = OBJECTIVES[o.name]
     for key in ("divergence", "kd_ratio"):  # method-dependent defaults, written into the resolved config
         if getattr(o, key) is None:
@@ -403,6 +405,9 @@ def validate(cfg: Config) -> Config:
             errors.append(f"student.lora.target_modules must be a non-empty list of distinct module names, got {names!r}")
         elif "all-linear" in names and len(names) > 1:
             errors.append("student.lora.target_modules: 'all-linear' must be the only entry")
+    if o.divergence not in DIVERGENCES:
+        raise ConfigError(f"invalid configuration: objective.divergence must be one of {', '.join(DIVERGENCES)}, "
+                          f"got {o.divergence!r}")
     for name, owners in _PARAM_OWNERS.items():
         if getattr(o, name) is not None and o.divergence not in owners:
             errors.append(f"objective.{name} applies to divergence {' / '.join(owners)}, not '{o.divergence}'")

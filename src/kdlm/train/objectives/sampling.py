@@ -1,6 +1,5 @@
-"""What the sampling objectives share (GKD, DPKD's sequence form): seeds, stop tokens, a seeded rollout call.
-
-Objectives that train on sampled responses: GKD (on-policy KD) and DPKD's sequence form.
+"""What the objectives that train on sampled responses share (GKD, DPKD's sequence form): per-sample seeds, the
+seeded rollout call (:func:`kdlm.train.rollout.sample_responses`, on :mod:`kdlm.sampler`) and the sample log.
 
 Both rewrite an optimizer step's batches before the loss (``prepare_window``), so the training loop stays the
 same for every method: it draws the step's batches, lets the objective prepare them, counts the loss's units
@@ -19,8 +18,8 @@ from torch import nn
 
 from kdlm.config import ObjectiveConfig
 from kdlm.data.format import IGNORE
-from kdlm.train.objectives.base import BuildContext
 from kdlm.sampler import stop_token_ids
+from kdlm.train.objectives.base import BuildContext
 from kdlm.train.rollout import sample_responses
 
 
