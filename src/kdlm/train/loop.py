@@ -170,7 +170,7 @@ def distill(cfg: Config) -> dict:
     )
     if cfg.eval.enabled and state.step == 0 and data.eval_items:
         summary["before"] = evaluate(training.student_lm, tag="before")
-    _train(cfg, accelerator, run_dir, objective, training, state, data, evaluate, fault_injection())  # 7.
+    _step_loop(cfg, accelerator, run_dir, objective, training, state, data, evaluate, fault_injection())  # 7.
     return _finish(cfg, accelerator, run_dir, training.student_lm, tokenizer, data, evaluate, summary, started)  # 8.
 
 
@@ -300,7 +300,7 @@ def _resume(resume_from: Optional[Path], accelerator, training: _Training, mixer
     return state
 
 
-def _train(cfg: Config, accelerator, run_dir: Path, objective, t: _Training, state: TrainState, data: _Data,
+def _step_loop(cfg: Config, accelerator, run_dir: Path, objective, t: _Training, state: TrainState, data: _Data,
            evaluate, after_microbatch: Callable[[], None]) -> None:
     """7. The step loop: draw the step's micro-batches, let the objective prepare them, accumulate, guard, step, log,
     evaluate and save."""
