@@ -21,9 +21,10 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/kdlm distill
 
-# The `kdlm report` render test drives headless Chromium (Debian's package); installed here when we are root.
+# The `kdlm report` render test drives headless Chromium (Debian's package); installed here when we are root,
+# saying so first (README, "Set-up").
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -qq && apt-get install -y -qq chromium; else echo "kdlm tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
+	@command -v chromium >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then echo "kdlm: installing Debian's chromium system-wide with apt-get (the kdlm report render test drives it headless)"; apt-get update -qq && apt-get install -y -qq chromium; else echo "kdlm tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
 
 # Fast tier, then the slow tier (real demo model, multi-process). CI runs exactly this.
 test: $(VENV)/.installed chromium

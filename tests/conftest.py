@@ -159,3 +159,14 @@ def _fresh_accelerate_state():
         PartialState._reset_state()
     except Exception:  # pragma: no cover - older/newer accelerate without these helpers
         pass
+
+
+@pytest.fixture(autouse=True)
+def _kdlm_logs_reach_caplog(caplog):
+    """kdlm's logger does not propagate to the root logger (where caplog listens): hand caplog its records directly."""
+    import logging
+
+    logger = logging.getLogger("kdlm")
+    logger.addHandler(caplog.handler)
+    yield
+    logger.removeHandler(caplog.handler)

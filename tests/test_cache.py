@@ -385,6 +385,9 @@ def test_torn_missing_and_escaping_shards_are_refused(tiny, tmp_path):
 
 def test_missing_cache_and_config_errors(tiny, tmp_path, monkeypatch):
     cfg = _cache_cfg(tiny, tmp_path, **{"cache.dir": str(tmp_path / "nothing")})
+    with pytest.raises(ConfigError, match="cache.dir: .*nothing does not exist.*kdlm cache-teacher"):
+        distill(cfg)  # checked before any model is loaded
+    (tmp_path / "nothing").mkdir()
     with pytest.raises(CacheError, match="manifest.json is missing.*kdlm cache-teacher"):
         distill(cfg)
     with pytest.raises(ConfigError, match="objective.name=kd"):

@@ -88,3 +88,62 @@ def test_validate_command_prints_and_exits(capsys):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "kdlm", "validate", "--train.nope", "1"], capture_output=True, text=True)
     assert result.returncode == 2 and "nope" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# issue 15: paths that do not exist are named by `kdlm validate`, and by `kdlm distill` before anything is loaded
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "flags, key",
+    [
+        (["--data.train", "{missing}.jsonl"], "data.train"),
+        (["--data.eval", "{missing}.parquet"], "data.eval"),
+        (["--data.mixing.strategy", "equal", "--data.mixing.validation", "{missing}.jsonl"], "data.mixing.validation"),
+        (["--objective.name", "dpkd", "--objective.lm_data", "{missing}.jsonl"], "objective.lm_data"),
+        (["--teacher.name_or_path", "{missing}"], "teacher.name_or_path"),
+        (["--student.init", "pretrained", "--student.name_or_path", "{missing}"], "student.name_or_path"),
+        (["--cache.dir", "{missing}"], "cache.dir"),
+    ],
+)
+def test_validate_names_a_path_that_does_not_exist(flags, key, tmp_path, capsys):
+    missing = str(tmp_path / "not_here")
+    argv = ["validate"] + [f.format(missing=missing) for f in flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert key in err and missing in err and "does not exist" in err
+    assert "config is valid" not in err
+
+
+def test_teacher_gguf_file_must_exist_in_its_local_folder(tmp_path, capsys):
+    assert main(["validate", "--teacher.name_or_path", str(tmp_path), "--teacher.gguf_file", "m.gguf"]) == 2
+    assert "teacher.gguf_file" in capsys.readouterr().err
+
+
+def test_hub_names_and_existing_paths_pass_the_path_check(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    argv = ["validate", "--teacher.name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct", "--data.train", str(data),
+            "--data.eval", "tatsu-lab/alpaca"]
+    assert main(argv) == 0
+    assert "config is valid" in capsys.readouterr().err
+    # cache-teacher writes cache.dir, so it need not exist yet
+    cfg, _ = parse_config(["--cache.dir", str(tmp_path / "new_cache")], "cache-teacher")
+    assert cfg.cache.dir.endswith("new_cache")
+
+
+def test_distill_checks_paths_before_loading_models_or_creating_the_run_dir(tmp_path, monkeypatch):
+    import kdlm.models
+    from kdlm.config import validate
+    from kdlm.train import loop
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the paths were checked")
+
+    monkeypatch.setattr(loop, "load_models", no_loading)
+    monkeypatch.setattr(kdlm.models, "load_models", no_loading)
+    cfg = Config()
+    cfg.data.train = str(tmp_path / "missing.jsonl")
+    cfg.train.output_dir = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"data\.train: .*missing\.jsonl does not exist"):
+        loop.distill(validate(cfg))
+    assert not (tmp_path / "run").exists()

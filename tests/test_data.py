@@ -82,7 +82,7 @@ def test_missing_field_names_file_line_and_field(tmp_path):
     with pytest.raises(DataError, match=r"d\.jsonl:2: missing field 'prompt'.*question"):
         read_examples(str(path), DataConfig())
     path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a"}])
-    with pytest.raises(DataError, match=r"e\.jsonl:2: missing field 'response'"):
+    with pytest.raises(DataError, match=r"e\.jsonl:2: no response \('response'"):
         read_examples(str(path), DataConfig())
 
 
@@ -130,3 +130,76 @@ def test_builtin_demo_prompts():
     assert not has and len(train) >= 200 and len(heldout) >= 40
     assert len({e.domain for e in train}) >= 4
     assert not {e.messages[0]["content"] for e in train} & {e.messages[0]["content"] for e in heldout}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# issue 15: non-UTF-8 bytes, partly given responses, a stratified evaluation sample
+# --------------------------------------------------------------------------------------------------------------
+LATIN1_LINE = b'{"prompt": "caf\xe9", "response": "r"}\n'  # 0xe9 alone is not UTF-8
+
+
+def test_non_utf8_bytes_name_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n\n' + LATIN1_LINE)
+    with pytest.raises(DataError, match=r"latin1\.jsonl:3: not UTF-8 .*byte 0xe9 at column 16.*iconv"):
+        read_examples(str(path), DataConfig())
+
+
+def test_non_utf8_bytes_in_plain_text_corpus_name_file_and_line(tmp_path):
+    from kdlm.data.sources import read_texts
+
+    path = tmp_path / "lm.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"lm\.jsonl:2: not UTF-8"):
+        read_texts(str(path))
+
+
+def test_some_records_with_responses_and_some_without_is_an_error(tmp_path):
+    records = [{"prompt": "a", "response": "b"}, {"prompt": "c"}, {"prompt": "d", "response": "e"}, {"prompt": "f"}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    with pytest.raises(DataError, match=r"mixed\.jsonl:2: no response.*2 of 4 records have one.*data\.responses: teacher.*data\.responses: dataset"):
+        read_examples(str(path), DataConfig())
+    # The first record without one is named also when the first record has none (the old rule looked only there).
+    path = write_jsonl(tmp_path / "mixed2.jsonl", [{"prompt": "c"}, {"prompt": "a", "response": "b"}])
+    with pytest.raises(DataError, match=r"mixed2\.jsonl:1: no response.*1 of 2"):
+        read_examples(str(path), DataConfig())
+    # Choosing explicitly works: the teacher writes all of them, or the dataset's are required.
+    examples, has = read_examples(str(path), DataConfig(responses="teacher"))
+    assert not has and [e.response for e in examples] == [None, None]
+    with pytest.raises(DataError, match=r"mixed2\.jsonl:1: missing field 'response'"):
+        read_examples(str(path), DataConfig(responses="dataset"))
+
+
+def test_max_eval_examples_is_a_seeded_per_domain_sample(tmp_path):
+    # 30 examples of domain a first, then 10 of b: the first 8 would all be a. Proportional allocation of 8 over
+    # sizes 30 and 10 is exactly 6 and 2.
+    records = [{"prompt": f"a{i}", "response": "r", "domain": "a"} for i in range(30)]
+    records += [{"prompt": f"b{i}", "response": "r", "domain": "b"} for i in range(10)]
+    train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "x", "response": "y"}])
+    cfg = DataConfig(train=str(train), eval=str(write_jsonl(tmp_path / "e.jsonl", records)), max_eval_examples=8)
+    _, evaluation, _ = load_splits(cfg, seed=1)
+    assert sorted(e.domain for e in evaluation) == ["a"] * 6 + ["b"] * 2
+    assert [e.origin for e in evaluation] == sorted((e.origin for e in evaluation), key=lambda o: int(o.rsplit(":", 1)[1]))
+    again = [e.origin for e in load_splits(cfg, seed=1)[1]]
+    assert again == [e.origin for e in evaluation]
+    others = {tuple(e.origin for e in load_splits(cfg, seed=s)[1]) for s in range(2, 6)}
+    assert len(others | {tuple(again)}) > 1  # another seed, another sample
+    assert [e.domain for e in evaluation] != ["a"] * 8
+
+
+@pytest.mark.parametrize("key", ["data.eval", "data.mixing.validation", "objective.lm_data"])
+def test_non_utf8_bytes_in_any_file_of_a_run_are_one_line_with_file_and_line(key, tiny, tmp_path, capsys):
+    from kdlm.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "response": "b", "domain": "alpha", "text": "fine text"}\n' + LATIN1_LINE)
+    extra = {"data.mixing.validation": ["--data.mixing.strategy", "equal"],
+             "objective.lm_data": ["--objective.name", "dpkd"]}.get(key, [])
+    argv = ["distill", "--teacher.name_or_path", str(tiny["teacher"]), "--student.num_layers", "2",
+            "--data.train", str(tiny["train"]), "--data.eval", str(tiny["eval"]), "--data.max_eval_examples", "null",
+            "--data.cache_dir", str(tmp_path / "cache"), "--train.output_dir", str(tmp_path / "run"),
+            "--train.max_steps", "1", "--train.batch_size", "4", "--train.progress", "false", "--eval.enabled", "false",
+            *extra, f"--{key}", str(bad)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not UTF-8" in err and "Traceback" not in err

@@ -99,3 +99,48 @@ def test_trust_remote_code_is_off_by_default():
     from kdlm.config import StudentConfig, TeacherConfig
 
     assert TeacherConfig().trust_remote_code is False and StudentConfig().trust_remote_code is False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# issue 15: a GGUF-derived teacher folder has a plain config (no quantization_config)
+# --------------------------------------------------------------------------------------------------------------
+def test_gguf_conversion_writes_a_plain_config(tiny, tmp_path, monkeypatch):
+    import json
+
+    import transformers
+
+    from kdlm.models import _gguf_cache_dir, _materialise_gguf, load_model
+
+    quant = {"quant_method": "gguf", "dequantize": False, "gguf_file": "m.gguf"}
+
+    class FakeGGUFLoader:  # what transformers' gguf_file= path returns: a model whose config keeps quantization_config
+        from_config = staticmethod(transformers.AutoModelForCausalLM.from_config)
+
+        @staticmethod
+        def from_pretrained(folder, gguf_file=None, dtype=None):
+            model = make_llama(len(tiny["tokenizer"]), layers=2, seed=3)
+            model.config.quantization_config = dict(quant)
+            return model
+
+    class FakeTokenizerLoader:
+        @staticmethod
+        def from_pretrained(folder, gguf_file=None):
+            return tiny["tokenizer"]
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", FakeGGUFLoader)
+    monkeypatch.setattr(transformers, "AutoTokenizer", FakeTokenizerLoader)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.gguf").write_bytes(b"GGUF stand-in")
+    folder = _materialise_gguf(str(tmp_path / "src"), "m.gguf", str(tmp_path / "cache"))
+    monkeypatch.undo()
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    model = load_model(str(folder))
+    assert getattr(model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path / "finetuned")  # a GGUF-loaded (quantised) model refuses this
+
+    # A folder converted by an earlier kdlm (config.json with quantization_config) is made plain on its next use.
+    stale = _gguf_cache_dir(str(tmp_path / "src"), "m.gguf", str(tmp_path / "cache"))
+    config = json.loads((stale / "config.json").read_text())
+    (stale / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    assert _materialise_gguf(str(tmp_path / "src"), "m.gguf", str(tmp_path / "cache")) == stale
+    assert "quantization_config" not in json.loads((stale / "config.json").read_text())

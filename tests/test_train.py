@@ -119,3 +119,18 @@ def test_bf16_autocast_and_periodic_eval(tiny, tmp_path):
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
     assert (tmp_path / "run" / "eval_step5.json").is_file() and (tmp_path / "run" / "eval_step10.json").is_file()
     assert math.isfinite(summary["after"]["overall"]["kl"])
+
+
+def test_peak_rss_is_the_runs_own_peak_for_in_process_runs(tiny, tmp_path):
+    """An earlier 1.5 GB allocation in the same process must not show up as the run's peak memory (issue 15)."""
+    import resource
+
+    from kdlm.train.loop import distill
+
+    block = bytearray(1536 * 2**20)
+    block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page: it is resident
+    del block
+    process_peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    summary = distill(tiny_config(tiny, tmp_path, **{"train.max_steps": 1}))
+    assert summary["peak_rss_scope"] == "run"
+    assert 0.05 < summary["peak_rss_gb"] < process_peak_gb - 1.0

@@ -100,6 +100,13 @@ def weights_fingerprint(files: list[Path], blocks: int = 16, block_size: int = 1
     return digest.hexdigest()
 
 
+def teacher_fingerprint(cfg: Config) -> str:
+    """:func:`weights_fingerprint` of the teacher's weight files: what every on-disk cache of the teacher's outputs
+    (this cache, the generated responses, DDK's perplexities) is keyed by, so that a teacher retrained into the same
+    folder never meets another teacher's entries."""
+    return weights_fingerprint(teacher_weight_files(cfg))
+
+
 def _hash_file_into(digest, path: Path) -> None:
     """Stream a file into ``digest`` in 4 MiB blocks (weights can be far larger than memory)."""
     with path.open("rb") as handle:
@@ -520,7 +527,7 @@ class TeacherCache:
 
 def open_for_run(cfg: Config, tokenizer, vocab_size: int) -> TeacherCache:
     """The cache of ``cfg.cache.dir``, checked against this run (teacher, tokenizer, template, lengths, τ, signal)."""
-    identity = run_identity(cfg, tokenizer, vocab_size, weights_fingerprint(teacher_weight_files(cfg)))
+    identity = run_identity(cfg, tokenizer, vocab_size, teacher_fingerprint(cfg))
     return TeacherCache(cfg.cache.dir, identity)
 
 

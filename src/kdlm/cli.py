@@ -1,7 +1,7 @@
 """The ``kdlm`` command line: one function per subcommand.
 
     kdlm distill [--config run.yaml] [--train.lr 1e-4 ...] [--resume]   train a student (no arguments: the demo)
-    kdlm eval    [--config run.yaml] [--model RUN_DIR/final]             evaluate a student against the teacher
+    kdlm eval    [--config run.yaml] [--model RUN_DIR/final] [--out DIR] evaluate a student against the teacher
     kdlm validate [--config run.yaml] [...]                              check + print the resolved config, run nothing
     kdlm cache-teacher --config run.yaml --cache.dir DIR                 run the teacher once, store its sparse signal
     kdlm report RUN_DIR [RUN_DIR ...] [--out DIR]                        one HTML page (+ markdown twin) about runs;
@@ -16,18 +16,43 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
 
-from kdlm.config import Config, ConfigError, to_dict, validate
+from kdlm.config import Config, ConfigError, check_paths, to_dict, validate
 
 COMMANDS = ("distill", "eval", "validate", "cache-teacher", "report")
+DESCRIPTIONS = {
+    "distill": "Train a student model to imitate a teacher model (knowledge distillation). With no flags: the offline "
+    "demo. Settings come from --config FILE and dotted flags; each is listed below with its default.",
+    "eval": "Evaluate a trained student against its teacher on the held-out data (teacher-forced KL and cross-entropies, "
+    "ROUGE-L and other text metrics of its generations).",
+    "validate": "Check a configuration (types, contradictions, that the files it names exist) and print it fully "
+    "resolved; runs nothing.",
+    "cache-teacher": "Run the teacher once over the training data and store its sparse signal in cache.dir, so that "
+    "`kdlm distill` with the same cache.dir trains without running the teacher.",
+}
+
+# The help of each flag is its field's attribute docstring in kdlm/config.py (read with docstring_parser).
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's formatter, saying "default: unset" instead of "default: null": what an unset field resolves
+    to depends on other fields, and its help text says it."""
+
+    def _get_help_string(self, action) -> str:
+        text = super()._get_help_string(action)
+        if action.default is None:
+            text = text.replace("default: %(default)s", "default: unset")
+        return text
 
 
 def build_parser(command: str) -> ArgumentParser:
     """The parser of one subcommand: ``--config FILE`` plus one dotted flag per config field."""
     parser = ArgumentParser(
         prog=f"kdlm {command}",
-        description=__doc__.splitlines()[0],
+        description=DESCRIPTIONS[command],
+        formatter_class=_HelpFormatter,
         exit_on_error=False,
         default_env=False,
     )
@@ -43,6 +68,13 @@ def build_parser(command: str) -> ArgumentParser:
             default=None,
             help="Student folder to evaluate (default: <train.output_dir>/final).",
         )
+        parser.add_argument(
+            "--out",
+            type=Optional[str],
+            default=None,
+            help="Folder for eval_<name>.json and predictions_<name>.jsonl (default: the model's parent folder, e.g. "
+            "the run directory of RUN/final; train.output_dir for a model inside the kdlm cache).",
+        )
     parser.add_class_arguments(Config, nested_key=None, fail_untyped=True)
     return parser
 
@@ -50,7 +82,8 @@ def build_parser(command: str) -> ArgumentParser:
 def parse_config(argv: Sequence[str], command: str = "distill") -> tuple[Config, dict]:
     """Parse ``argv`` (without the subcommand) into a validated :class:`Config` and the command's extra flags.
 
-    Raises :class:`ConfigError` naming the offending key for unknown keys, wrong types and contradictions.
+    Raises :class:`ConfigError` naming the offending key for unknown keys, wrong types, contradictions and local
+    paths that do not exist (:func:`kdlm.config.check_paths`).
     """
     parser = build_parser(command)
     try:
@@ -59,10 +92,10 @@ def parse_config(argv: Sequence[str], command: str = "distill") -> tuple[Config,
     except Exception as err:  # jsonargparse raises ArgumentError / ParserError with the key in the message
         raise ConfigError(str(err)) from None
     cfg = Config(**{f.name: built[f.name] for f in dataclasses.fields(Config)})
-    extras = {k: built[k] for k in ("resume", "model") if k in built}
+    extras = {k: built[k] for k in ("resume", "model", "out") if k in built}
     if extras.get("resume"):
         cfg.train.resume = True
-    return validate(cfg), extras
+    return check_paths(validate(cfg), command), extras
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -106,15 +139,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             distill(cfg)
         elif command == "cache-teacher":
             from kdlm.cache import build_cache
-
             from kdlm.logs import setup_logging
 
-            setup_logging(keep_existing=True)  # no run directory: stderr only
+            setup_logging()
             build_cache(cfg)
         else:
             from kdlm.eval.run import evaluate_command
 
-            evaluate_command(cfg, model_path=extras.get("model"))
+            evaluate_command(cfg, model_path=extras.get("model"), out=extras.get("out"))
     except KdlmError as err:
         print(f"kdlm {command}: error: {err}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from kdlm.models import cache_root
 from kdlm.sampler import first_stops, left_pad, sample_tokens, seeded, stop_token_ids
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by the teacher's weights fingerprint instead of its path
 
 
 def generate(
@@ -80,10 +80,13 @@ def generate(
 
 
 def _responses_key(cfg: Config, prompt_texts: list[str]) -> str:
-    t = cfg.teacher
+    """Hash of what the responses depend on: the teacher's weights (not its path: a teacher retrained into the same
+    folder writes other responses) and dtype, the generation settings and the exact prompt texts."""
+    from kdlm.cache import teacher_fingerprint
+
     identity = {
         "version": CACHE_VERSION,
-        "teacher": [t.name_or_path, t.gguf_file, t.revision, t.dtype],
+        "teacher": [teacher_fingerprint(cfg), cfg.teacher.dtype],
         "generation": dataclasses.asdict(cfg.data.generation),
         "prompts": hashlib.sha256("\x00".join(prompt_texts).encode()).hexdigest(),
     }
@@ -93,7 +96,7 @@ def _responses_key(cfg: Config, prompt_texts: list[str]) -> str:
 def fill_teacher_responses(cfg: Config, teacher, tokenizer, examples: list[Example], name: str) -> None:
     """Give every example the teacher's response, generated once (batched, with progress) and cached on disk.
 
-    The cache file is keyed by the teacher, the generation settings and the exact prompt texts, and written
+    The cache file is keyed by the teacher's weights, the generation settings and the exact prompt texts, and written
     atomically, so an interrupted generation leaves no partial cache behind.
     """
     prompt_texts = [render_prompt(tokenizer, e.messages, cfg.data.system_prompt) for e in examples]
@@ -103,7 +106,7 @@ def fill_teacher_responses(cfg: Config, teacher, tokenizer, examples: list[Examp
         if len(responses) == len(examples):
             log.info("teacher responses for %s: cached in %s", name, path)
             for example, response in zip(examples, responses):
-                example.response = response
+                example.response, example.response_source = response, "teacher"
             return
     if teacher is None:
         raise DataError(
@@ -132,4 +135,4 @@ def fill_teacher_responses(cfg: Config, teacher, tokenizer, examples: list[Examp
     os.replace(tmp, path)
     log.info("teacher responses for %s cached in %s", name, path)
     for example, response in zip(examples, responses):
-        example.response = response
+        example.response, example.response_source = response, "teacher"

@@ -1,4 +1,4 @@
-"""kdlm's one logging set-up: the ``kdlm`` logger's lines on stderr and, for a training run, in ``train.log``."""
+"""kdlm's log lines: one handler set on the ``kdlm`` logger, each line printed once."""
 
 from __future__ import annotations
 
@@ -10,16 +10,14 @@ from typing import Optional
 FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
 
 
-def setup_logging(log_file: Optional[Path] = None, *, level: int = logging.INFO, keep_existing: bool = False) -> None:
-    """Send the ``kdlm`` logger's records at ``level`` and above to stderr (and to ``log_file`` when given).
+def setup_logging(log_file: Optional[Path] = None, level: int = logging.INFO) -> logging.Logger:
+    """Send the ``kdlm`` logger (and its children ``kdlm.*``) to stderr and, when given, to ``log_file``.
 
-    Handlers added by an earlier call are replaced, so a second run in the same process does not log twice.
-    With ``keep_existing``, a logger that already has handlers (e.g. configured by the embedding application) is
-    left as it is.
+    Replaces the handlers an earlier call added (a second run in one process does not print twice) and stops
+    propagation to the root logger: libraries install handlers there (rouge-score's absl logging does on first
+    use), which would print every kdlm line a second time.
     """
     logger = logging.getLogger("kdlm")
-    if keep_existing and logger.handlers:
-        return
     for handler in [h for h in logger.handlers if getattr(h, "_kdlm", False)]:
         logger.removeHandler(handler)
         handler.close()
@@ -31,3 +29,5 @@ def setup_logging(log_file: Optional[Path] = None, *, level: int = logging.INFO,
         handler._kdlm = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(level)
+    logger.propagate = False
+    return logger

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -61,14 +62,33 @@ def _gguf_cache_dir(folder: str, gguf_file: str, cache_dir: Optional[str]) -> Pa
     return cache_root(cache_dir) / "gguf" / f"{Path(gguf_file).stem}-{key}"
 
 
+def _drop_quantization_config(folder: Path) -> None:
+    """Remove ``quantization_config`` from ``folder/config.json`` (atomically), if there.
+
+    The GGUF loader records the source's quantisation there, but the saved weights are de-quantised float32: with it
+    the folder claims to be quantised, so transformers refuses to save a model fine-tuned from it and other tools
+    (e.g. vLLM) refuse to load it.
+    """
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if "quantization_config" not in config:
+        return
+    del config["quantization_config"]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _materialise_gguf(folder: str, gguf_file: str, cache_dir: Optional[str]) -> Path:
     """De-quantise a GGUF checkpoint once into a plain safetensors folder (model + tokenizer), atomically.
 
     transformers refuses ``save_pretrained`` on a GGUF-loaded model, so a plain model is rebuilt from its config
-    and state dict (identical logits). Later loads take seconds instead of a de-quantisation pass.
+    and state dict (identical logits) and saved with a plain config (no ``quantization_config``). Later loads take
+    seconds instead of a de-quantisation pass.
     """
     target = _gguf_cache_dir(folder, gguf_file, cache_dir)
     if (target / "config.json").is_file():
+        _drop_quantization_config(target)  # converted by an earlier kdlm, which kept it
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,6 +102,7 @@ def _materialise_gguf(folder: str, gguf_file: str, cache_dir: Optional[str]) -> 
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _drop_quantization_config(tmp)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -383,11 +404,12 @@ class Models:
     """Rows of the output layer that are real tokens; padded rows beyond it are sliced off in every loss."""
 
 
-def load_models(cfg: Config, teacher_needed: bool = True) -> Models:
+def load_models(cfg: Config, teacher_needed: bool = True, teacher: Optional[nn.Module] = None) -> Models:
     """Teacher, student and tokenizer as the config says, with the tokenizer check done.
 
     ``teacher_needed=False`` (training from a teacher cache): the teacher is loaded only to prune the student from
-    it and is then dropped (``Models.teacher`` is None); with a pretrained student it is never loaded.
+    it and is then dropped (``Models.teacher`` is None); with a pretrained student it is never loaded. ``teacher``:
+    the teacher ``cfg.teacher`` names, already loaded (``kdlm eval`` keeps it across calls); it is not loaded again.
     """
     t, s = cfg.teacher, cfg.student
     cache = cfg.data.cache_dir
@@ -396,7 +418,8 @@ def load_models(cfg: Config, teacher_needed: bool = True) -> Models:
         return dict(gguf_file=spec.gguf_file, revision=spec.revision, trust_remote_code=spec.trust_remote_code, cache_dir=cache)
 
     tokenizer = load_tokenizer(t.name_or_path, **source(t))
-    teacher = load_model(t.name_or_path, dtype=t.dtype, **source(t)) if teacher_needed or s.init == "prune_teacher" else None
+    if teacher is None and (teacher_needed or s.init == "prune_teacher"):
+        teacher = load_model(t.name_or_path, dtype=t.dtype, **source(t))
     if s.init == "prune_teacher":
         keep = s.keep_layers or default_keep_layers(teacher.config.num_hidden_layers, s.num_layers)
         log.info("student: teacher layers %s of %d", keep, teacher.config.num_hidden_layers)

@@ -28,11 +28,24 @@ class Example:
     domain: str
     origin: str
     """Where the record came from, e.g. ``data/train.jsonl:17``."""
+    response_source: str = "dataset"
+    """Who wrote ``response``: ``dataset`` (the record) or ``teacher`` (set by ``fill_teacher_responses``)."""
 
 
 def _jsonl_records(path: Path) -> Iterable[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    """``(origin, record)`` of every non-blank line of a JSONL file: the one JSONL reader of kdlm's data (training,
+    evaluation, DDK validation, DPKD's plain-text corpus), so every one of them reports bad bytes and bad JSON
+    with ``file:line``."""
+    # Binary, decoded line by line: a text-mode handle decodes in buffers and reports a byte offset in the buffer.
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{number}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); save the file "
+                    f"as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed.jsonl` if it is Latin-1"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -104,20 +117,36 @@ def _to_example(origin: str, record: Any, cfg: DataConfig, need_response: bool) 
     return Example([{"role": "user", "content": prompt}], response if isinstance(response, str) else None, domain, origin)
 
 
-def _has_responses(first: Any, cfg: DataConfig) -> bool:
-    if not isinstance(first, dict):
+def _has_response(record: Any, cfg: DataConfig) -> bool:
+    """Whether one record carries its own response: a string response field, or messages ending with the assistant's."""
+    if not isinstance(record, dict):
         return False
-    messages = first.get(cfg.messages_field)
+    messages = record.get(cfg.messages_field)
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
         return messages[-1].get("role") == "assistant"
-    return isinstance(first.get(cfg.response_field), str)
+    return isinstance(record.get(cfg.response_field), str)
+
+
+def _auto_responses(source: str, records: list[tuple[str, Any]], cfg: DataConfig) -> bool:
+    """``data.responses=auto``: True when every record has a response, False when none has; a mix is an error,
+    since either choice would silently drop something (the given responses, or the records without one)."""
+    given = [_has_response(record, cfg) for _, record in records]
+    if all(given) or not any(given):
+        return given[0]
+    first_without = records[given.index(False)][0]
+    raise DataError(
+        f"{first_without}: no response ('{cfg.response_field}' or a last '{cfg.messages_field}' entry by the assistant), "
+        f"but {sum(given)} of {len(given)} records have one in {source}. Choose: data.responses: teacher (the teacher "
+        "writes every response, the given ones are ignored) or data.responses: dataset (every record must have one)"
+    )
 
 
 def read_examples(source: str, cfg: DataConfig, *, builtin_split: str = "train") -> tuple[list[Example], bool]:
     """Read every record of ``source``; returns the examples and whether they carry their own responses.
 
     ``data.responses`` decides: ``dataset`` requires responses, ``teacher`` ignores them, ``auto`` uses them
-    when the first record has one.
+    when every record has one and the teacher when none has (some but not all is an error naming the first
+    record without one).
     """
     if source == DEMO_DATA:
         text = resources.files("kdlm.data").joinpath("demo_prompts.jsonl").read_text(encoding="utf-8")
@@ -143,7 +172,7 @@ def read_examples(source: str, cfg: DataConfig, *, builtin_split: str = "train")
     elif cfg.responses == "dataset":
         use_dataset = True
     else:
-        use_dataset = _has_responses(records[0][1], cfg)
+        use_dataset = _auto_responses(source, records, cfg)
     examples = [_to_example(origin, record, cfg, need_response=use_dataset) for origin, record in records]
     if not use_dataset:
         for example in examples:
@@ -175,8 +204,33 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example
     if cfg.max_train_examples is not None:
         train = train[: cfg.max_train_examples]
     if cfg.max_eval_examples is not None:
-        evaluation = evaluation[: cfg.max_eval_examples]
+        evaluation = stratified_sample(evaluation, cfg.max_eval_examples, seed)
     return train, evaluation, has_responses
+
+
+def stratified_sample(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """At most ``n`` examples, each domain represented in proportion to its size, in their original order.
+
+    Per-domain counts are ``n * size / total`` rounded systematically (:func:`kdlm.data.ddk.allocate_counts`, each
+    count the floor or the ceiling of its share, summing to ``n``); the examples of a domain are a seeded shuffle's
+    first ones, keyed by ``(seed, domain)``. The first ``n`` records would take whatever domain the file starts with.
+    """
+    from kdlm.data.ddk import allocate_counts
+
+    if n >= len(examples):
+        return list(examples)
+    by_domain: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_domain.setdefault(example.domain, []).append(index)
+    names = sorted(by_domain)
+    sizes = [len(by_domain[name]) for name in names]
+    counts = allocate_counts(sizes, sizes, n, random.Random(f"{seed}|allocate").random())
+    kept: set[int] = set()
+    for name, count in zip(names, counts):
+        indices = list(by_domain[name])
+        random.Random(f"{seed}|{name}").shuffle(indices)
+        kept.update(indices[:count])
+    return [example for index, example in enumerate(examples) if index in kept]
 
 
 def read_texts(source: str, field: str = "text", split: str = "train") -> list[str]:

@@ -13,6 +13,7 @@ from kdlm.data.format import Tokenized
 from kdlm.data.sources import Example
 from kdlm.eval.teacher_forced import teacher_forced_metrics
 from kdlm.generation import generate
+from kdlm.formatting import format_change
 
 log = logging.getLogger("kdlm")
 
@@ -56,27 +57,31 @@ def evaluate_and_report(
             progress=False,
         )
         result["samples"] = [
-            {"prompt": e.messages[-1]["content"], "reference": e.response, "student": c} for e, c in zip(picked, completions)
+            {"prompt": e.messages[-1]["content"], "reference": e.response, "reference_source": e.response_source, "student": c}
+            for e, c in zip(picked, completions)
         ]
     (run_dir / f"eval_{tag}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 def format_comparison(before: dict, after: dict) -> str:
-    """A small before/after table plus the samples, for the terminal and the README."""
+    """A small before/after table plus the samples, for the terminal and the README.
+
+    Each sample's reference is labelled by where it came from: ``teacher:`` when the teacher wrote it,
+    ``reference:`` when the dataset gave it."""
     b, a = before["overall"], after["overall"]
     lines = ["", "| held-out metric (per response token) | before | after | change |", "|---|---|---|---|"]
     for key, label in (("kl", "KL(teacher‖student), nats"), ("student_ce", "student cross-entropy"), ("teacher_ce", "teacher cross-entropy"),
                        ("mor@5", "top-5 overlap with the teacher (MOR@5)"), ("cr@5", "same top-5 list as the teacher (CR@5)")):
         if key in b and key in a:
-            change = (a[key] - b[key]) / b[key] * 100 if b[key] else float("nan")
-            lines.append(f"| {label} | {b[key]:.4f} | {a[key]:.4f} | {change:+.1f}% |")
+            lines.append(f"| {label} | {b[key]:.4f} | {a[key]:.4f} | {format_change(b[key], a[key])} |")
     for sample_before, sample_after in zip(before.get("samples", []), after.get("samples", [])):
+        source = "teacher:" if sample_before.get("reference_source") == "teacher" else "reference:"
         lines += [
             "",
-            f"prompt:   {sample_before['prompt']}",
-            f"teacher:  {sample_before['reference']}",
-            f"before:   {sample_before['student']}",
-            f"after:    {sample_after['student']}",
+            f"{'prompt:':<11}{sample_before['prompt']}",
+            f"{source:<11}{sample_before['reference']}",
+            f"{'before:':<11}{sample_before['student']}",
+            f"{'after:':<11}{sample_after['student']}",
         ]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """``kdlm eval``: teacher-forced metrics, and text metrics of the student's generations, on the held-out data.
 
-Writes, next to the evaluated model: ``eval_<name>.json`` (teacher-forced KL / cross-entropies / peak alignment per
+Writes, next to the evaluated model (or in ``--out``; never inside the kdlm cache): ``eval_<name>.json`` (teacher-forced KL / cross-entropies / peak alignment per
 domain, and ``generation``: ROUGE-L, exact match, distinct-1/2, self-BLEU and length per domain and overall, per
 seed and as mean ± std) and ``predictions_<name>.jsonl`` (one line per prompt and seed).
 """
@@ -12,6 +12,9 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+import torch
+from torch import nn
+
 from kdlm.config import Config
 from kdlm.data import load_splits, tokenize_examples
 from kdlm.errors import ModelError
@@ -20,37 +23,81 @@ from kdlm.eval.metrics import mean_std, score_texts
 from kdlm.eval.heldout import evaluate_and_report
 from kdlm.generation import fill_teacher_responses, generate
 from kdlm.logs import setup_logging
-from kdlm.models import load_models
+from kdlm.models import cache_root, load_models
 
 log = logging.getLogger("kdlm")
 
 
-def evaluate_command(cfg: Config, model_path: Optional[str] = None) -> dict:
+def eval_device() -> torch.device:
+    """The device ``kdlm eval`` runs on: accelerate's choice for this process (CUDA, XPU, MPS, ..., else the CPU),
+    the one ``kdlm distill`` trains on."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+# The teacher of the last evaluate_command call, by (weights fingerprint, dtype, device): evaluating several
+# students against one teacher in one process (a benchmark, a notebook) loads it once. One teacher at a time.
+_kept_teacher: dict[tuple[str, str, str], nn.Module] = {}
+
+
+def _teacher_key(cfg: Config, device: torch.device) -> Optional[tuple[str, str, str]]:
+    from kdlm.cache import teacher_fingerprint
+
+    try:
+        return teacher_fingerprint(cfg), cfg.teacher.dtype, str(device)
+    except ModelError:  # no local weight files to fingerprint (e.g. a hub name not downloaded yet): not kept
+        return None
+
+
+def output_folder(model: Path, cfg: Config, out: Optional[str] = None) -> Path:
+    """Where ``kdlm eval`` writes ``eval_<name>.json`` and ``predictions_<name>.jsonl``: ``out`` when given, else
+    the model's parent folder (the run directory for ``RUN/final``), except for a model inside the kdlm cache (e.g.
+    the converted GGUF teacher), whose outputs go to ``train.output_dir`` rather than among cached models."""
+    if out is not None:
+        return Path(out)
+    if model.resolve().is_relative_to(cache_root(cfg.data.cache_dir).resolve()):
+        return Path(cfg.train.output_dir)
+    return model.parent
+
+
+def evaluate_command(cfg: Config, model_path: Optional[str] = None, out: Optional[str] = None) -> dict:
     """Evaluate the student at ``model_path`` (default ``<train.output_dir>/final``) against ``cfg.teacher``
-    on ``cfg.data``'s evaluation split; writes ``eval_<name>.json`` next to the model and prints the summary."""
-    setup_logging(keep_existing=True)
+    on ``cfg.data``'s evaluation split, on :func:`eval_device`; writes ``eval_<name>.json`` and
+    ``predictions_<name>.jsonl`` in :func:`output_folder` and prints the summary. The teacher is kept for the next
+    call with the same teacher weights."""
+    if not log.handlers:  # called after `distill` in one process: keep its handlers (train.log)
+        setup_logging()
     path = Path(model_path or Path(cfg.train.output_dir) / "final")
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no model here (expected config.json); pass --model or train first")
     cfg.student.init = "pretrained"
     cfg.student.name_or_path, cfg.student.keep_layers = str(path), None
     cfg.student.lora = None  # final/ holds the merged model; a fresh adapter on it would be a no-op
-    models = load_models(cfg)
+    device = eval_device()
+    key = _teacher_key(cfg, device)
+    models = load_models(cfg, teacher=_kept_teacher.get(key) if key is not None else None)
+    teacher, student = models.teacher.to(device), models.student.to(device)
+    _kept_teacher.clear()
+    if key is not None:
+        _kept_teacher[key] = teacher
+    out_dir = output_folder(path, cfg, out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     _, eval_examples, has_responses = load_splits(cfg.data, cfg.train.seed)
     if not has_responses:
-        fill_teacher_responses(cfg, models.teacher, models.tokenizer, eval_examples, "eval")
+        fill_teacher_responses(cfg, teacher, models.tokenizer, eval_examples, "eval")
     items, counts = tokenize_examples(
         eval_examples, models.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
         max_length=cfg.data.max_length, system_prompt=cfg.data.system_prompt,
     )
     log.info(counts.summary("eval data"))
     result = evaluate_and_report(
-        models.student, tag=path.name, cfg=cfg, teacher=models.teacher, tokenizer=models.tokenizer,
-        vocab_size=models.vocab_size, eval_items=items, eval_examples=eval_examples, run_dir=path.parent,
+        student, tag=path.name, cfg=cfg, teacher=teacher, tokenizer=models.tokenizer,
+        vocab_size=models.vocab_size, eval_items=items, eval_examples=eval_examples, run_dir=out_dir,
     )
-    result["generation"] = generation_metrics(cfg, models.student, models.tokenizer, eval_examples,
-                                              path.parent / f"predictions_{path.name}.jsonl")
-    (path.parent / f"eval_{path.name}.json").write_text(json.dumps(result, indent=1))
+    result["generation"] = generation_metrics(cfg, student, models.tokenizer, eval_examples,
+                                              out_dir / f"predictions_{path.name}.jsonl")
+    (out_dir / f"eval_{path.name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({"overall": result["overall"], "generation": result["generation"]["mean"]["overall"]}, indent=1))
     return result
 

@@ -18,6 +18,7 @@ from kdlm.losses.divergences import (
     token_nll,
     tvd,
 )
+from kdlm.losses.dpkd import dpkd_sequence_loss, dpkd_token_loss
 from kdlm.losses.fused import fused_distill_loss, fused_kd_terms
 from kdlm.losses.ranking import (
     peak_alignment_metrics,
@@ -36,6 +37,8 @@ __all__ = [
     "LOG_FLOOR",
     "akl",
     "distill_loss",
+    "dpkd_sequence_loss",
+    "dpkd_token_loss",
     "fkl",
     "fused_distill_loss",
     "fused_kd_terms",

@@ -32,13 +32,15 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from kdlm.errors import KdlmError
+from kdlm.formatting import format_change
 from kdlm.report.page import Image, render_html, render_markdown
 from kdlm.report.runs import EXPECTED, ReportError, RunData, _labels, load_run
 from kdlm.report.sections import (
     _configs, _evaluation, _methods, _notes, _overview, _samples, _training, fmt_number,
 )
 
-__all__ = ["ReportError", "RunData", "build_report", "default_out_dir", "fmt_number", "load_run", "report_main"]
+__all__ = ["ReportError", "RunData", "build_report", "default_out_dir", "fmt_number", "format_change", "load_run",
+           "report_main"]
 
 
 def default_out_dir(run_dirs: Sequence[Union[str, Path]], now: Optional[_dt.datetime] = None) -> Path:

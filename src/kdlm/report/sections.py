@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from kdlm import registry
 from kdlm.config import flatten
+from kdlm.formatting import format_change
 from kdlm.report.page import Details, Image, Paragraph, Section, Table
 from kdlm.report.plots import COLORS, Series, _per_run, _plot, _slug
 from kdlm.report.runs import SAMPLES_SHOWN, RunData, _dict, _get, _is_number
@@ -36,9 +37,11 @@ def fmt_number(value: Any) -> str:
 
 
 def _change(before: Any, after: Any) -> str:
-    if not (_is_number(before) and _is_number(after)) or before == 0 or not math.isfinite(before):
+    """`` (change)`` after a before → after pair (:func:`kdlm.formatting.format_change`), or nothing when undefined."""
+    if not (_is_number(before) and _is_number(after)):
         return ""
-    return f" ({(after - before) / abs(before) * 100:+.1f}%)"
+    change = format_change(before, after)
+    return "" if change == "—" else f" ({change})"
 
 
 def _before_after(before: Optional[dict], after: Optional[dict], key: str) -> str:

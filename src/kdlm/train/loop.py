@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from kdlm.config import Config, flatten, save_resolved, to_dict
+from kdlm.config import Config, check_paths, flatten, save_resolved, to_dict
 from kdlm.data import collate, load_splits, read_examples, tokenize_examples
 from kdlm.errors import CheckpointError, DataError, TrainingError
 from kdlm.eval.heldout import evaluate_and_report, format_comparison
@@ -81,8 +81,30 @@ def _truncate_metrics(path: Path, step: int) -> None:
     tmp.replace(path)  # atomic: a crash here leaves the old or the new file, never half of one
 
 
+def reset_peak_rss() -> str:
+    """Start measuring peak memory now; returns the scope :func:`peak_rss_gb` will report: ``run`` or ``process``.
+
+    Linux (4.0+) lets a process reset its resident-set high-water mark (``/proc/self/clear_refs``, value 5) to its
+    current size, so the peak read at the end of a run is that run's own, even when the process ran something
+    bigger before (runs started in-process by a benchmark or the tests). Where the reset is not possible the peak
+    is the whole process's since it started: ``process``.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return "process"
+    return "run"
+
+
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process in GB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory in GB since the last :func:`reset_peak_rss` (or since the process started):
+    ``VmHWM`` of /proc/self/status, else ``ru_maxrss`` (which Linux reports in KiB, and resets with it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
@@ -154,6 +176,8 @@ def fault_injection() -> Callable[[], None]:
 def distill(cfg: Config) -> dict:
     """Train the student as ``cfg`` says; returns the run summary (also written to summary.json)."""
     started = time.time()
+    check_paths(cfg)  # a missing data or model path fails here, before any model is loaded or run directory made
+    peak_rss_scope = reset_peak_rss()
     accelerator, run_dir, resume_from = _start_run(cfg)  # 1.
     models, teacher, teacher_cache = _load_models(cfg, accelerator)  # 2.
     tokenizer, vocab_size = models.tokenizer, models.vocab_size
@@ -171,7 +195,8 @@ def distill(cfg: Config) -> dict:
     if cfg.eval.enabled and state.step == 0 and data.eval_items:
         summary["before"] = evaluate(training.student_lm, tag="before")
     _step_loop(cfg, accelerator, run_dir, objective, training, state, data, evaluate, fault_injection())  # 7.
-    return _finish(cfg, accelerator, run_dir, training.student_lm, tokenizer, data, evaluate, summary, started)  # 8.
+    return _finish(cfg, accelerator, run_dir, training.student_lm, tokenizer, data, evaluate, summary, started,  # 8.
+                   peak_rss_scope)
 
 
 def _start_run(cfg: Config):
@@ -395,7 +420,7 @@ def _stop_nonfinite(run_dir: Path, step: int, in_a_row: int) -> None:
 
 
 def _finish(cfg: Config, accelerator, run_dir: Path, student_lm, tokenizer, data: _Data, evaluate, summary: dict,
-            started: float) -> dict:
+            started: float, peak_rss_scope: str) -> dict:
     """8. Final student (LoRA: the adapter and the merged model), after-evaluation, mixing report, summary.json."""
     if accelerator.is_main_process:
         save_student(student_lm, tokenizer, run_dir / "final")
@@ -404,7 +429,7 @@ def _finish(cfg: Config, accelerator, run_dir: Path, student_lm, tokenizer, data
     if data.mixer is not None and accelerator.is_main_process:
         summary["mixing"] = write_mixing_report(data.mixer.history, run_dir)
     summary["wall_s"] = time.time() - started
-    summary["peak_rss_gb"] = peak_rss_gb()
+    summary["peak_rss_gb"], summary["peak_rss_scope"] = peak_rss_gb(), peak_rss_scope
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if "before" in summary and "after" in summary:

@@ -111,10 +111,12 @@ class DomainMixer:
 
     # ----------------------------------------------------------------------------------------------- perplexities
     def _teacher_perplexities(self) -> torch.Tensor:
-        """Measured once per (teacher, validation set) and cached, since the teacher never changes."""
-        t = self.cfg.teacher
+        """Measured once per (teacher weights, validation set) and cached, since the teacher never changes during a
+        run; keyed by the weights' fingerprint, not the path, so a teacher retrained in place is measured again."""
+        from kdlm.cache import teacher_fingerprint
+
         identity = {
-            "teacher": [t.name_or_path, t.gguf_file, t.revision, t.dtype],
+            "teacher": [teacher_fingerprint(self.cfg), self.cfg.teacher.dtype],
             "validation": hashlib.sha256(
                 json.dumps([[item.domain, item.input_ids, item.labels] for item in self.validation_items]).encode()
             ).hexdigest(),
