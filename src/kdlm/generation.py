@@ -82,7 +82,7 @@ def generate(
 def _responses_key(cfg: Config, prompt_texts: list[str]) -> str:
     """Hash of what the responses depend on: the teacher's weights (not its path: a teacher retrained into the same
     folder writes other responses) and dtype, the generation settings and the exact prompt texts."""
-    from kdlm.cache import teacher_fingerprint
+    from kdlm.models import teacher_fingerprint
 
     identity = {
         "version": CACHE_VERSION,

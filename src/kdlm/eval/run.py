@@ -42,7 +42,7 @@ _kept_teacher: dict[tuple[str, str, str], nn.Module] = {}
 
 
 def _teacher_key(cfg: Config, device: torch.device) -> Optional[tuple[str, str, str]]:
-    from kdlm.cache import teacher_fingerprint
+    from kdlm.models import teacher_fingerprint
 
     try:
         return teacher_fingerprint(cfg), cfg.teacher.dtype, str(device)
