@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# A second `make demo` is refused (runs/demo holds a run): `make demo ARGS='--train.overwrite true'`.
 demo: $(VENV)/.installed
-	$(VENV)/bin/kdlm distill
+	$(VENV)/bin/kdlm distill $(ARGS)
 
 # The `kdlm report` render test drives headless Chromium (Debian's package); installed here when we are root,
 # saying so first (README, "Set-up").

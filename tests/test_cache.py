@@ -336,8 +336,8 @@ def test_a_cache_for_another_run_is_refused(tiny, tmp_path):
         ({"teacher.name_or_path": str(tiny["student"]), "student.init": "pretrained",
           "student.name_or_path": str(tiny["student"])}, "another teacher"),
     ]
-    for change, message in cases:
-        other = _cache_cfg(tiny, tmp_path / "x", **{"cache.k": 4, "cache.dir": cfg.cache.dir, **change})
+    for index, (change, message) in enumerate(cases):  # one run dir each: a refused start still leaves config.yaml
+        other = _cache_cfg(tiny, tmp_path / f"x{index}", **{"cache.k": 4, "cache.dir": cfg.cache.dir, **change})
         with pytest.raises(CacheError, match=message):
             distill(other)
         with pytest.raises(CacheError, match="another run"):  # and cache-teacher will not overwrite it

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -28,13 +31,41 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _launch(config_file: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+def _launch(config_file: Path, processes: int, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """torchrun ``kdlm distill`` in its own session; on timeout the whole process group (torchrun and every worker)
+    is killed and the test fails with the captured output (subprocess.run's timeout would kill torchrun only, and a
+    hung worker would outlive the test)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
         "--master_port", str(random.randint(20000, 40000)), "-m", "kdlm", "distill", "--config", str(config_file), *extra,
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout:.0f} s (hang?); killed its process group.\n"
+                    f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-6000:]}")
+    finally:
+        if process.poll() is None:  # an exception in communicate itself: never leave workers behind
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@contextmanager
+def _cpu_hog(processes: int) -> Iterator[None]:
+    """Busy-loop processes beside the test (the load under which the exit hang showed); always stopped."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 
 @pytest.mark.parametrize("strategy", ["none", "ddk"])
@@ -79,3 +110,28 @@ def test_distributed_resume_with_two_processes(tiny, tmp_path):
     assert [m["step"] for m in after] == list(range(1, 7))
     for a, b in zip(reference, after):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_repeated_two_process_runs_under_cpu_load_never_hang(tiny, tmp_path):
+    """The exit hang showed about once in five runs with two busy loops beside torchrun: five runs, zero hangs.
+    The per-run limit is generous (a run takes well under a minute even on a loaded 2-core machine)."""
+    with _cpu_hog(2):
+        for attempt in range(5):
+            cfg = tiny_config(tiny, tmp_path / f"run{attempt}", **{"train.max_steps": 4, "train.batch_size": 2})
+            save_resolved(cfg, tmp_path / f"run{attempt}.yaml")
+            result = _launch(tmp_path / f"run{attempt}.yaml", 2, timeout=300)
+            assert result.returncode == 0, f"run {attempt}: {result.stderr[-3000:]}"
+            assert (tmp_path / f"run{attempt}" / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_two_processes_refuse_a_finished_run_together(tiny, tmp_path):
+    """Process 0 decides, both processes stop with the same message; nothing hangs, nothing is rewritten."""
+    cfg = tiny_config(tiny, tmp_path, **{"train.max_steps": 2, "train.batch_size": 2})
+    distill(cfg)
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    save_resolved(cfg, tmp_path / "again.yaml")
+    result = _launch(tmp_path / "again.yaml", 2, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("already holds a run") == 2, result.stderr[-3000:]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -85,6 +86,11 @@ def test_malicious_pickle_in_checkpoint_is_refused(tiny, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"state": Exploit()}, checkpoint / "optimizer.pt")
+    # A tamperer can rewrite the manifest too: the checksum passes, the loader itself must refuse the pickle.
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["optimizer.pt"] = {"bytes": (checkpoint / "optimizer.pt").stat().st_size,
+                                         "sha256": hashlib.sha256((checkpoint / "optimizer.pt").read_bytes()).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
     resumed = tiny_config(tiny, tmp_path, **{"train.max_steps": 4, "train.resume": True})
     with pytest.raises(CheckpointError, match="optimizer.pt: refused to load"):
         distill(resumed)

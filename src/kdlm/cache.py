@@ -68,6 +68,13 @@ def _hash_file_into(digest, path: Path) -> None:
             digest.update(block)
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of one file's bytes, streamed."""
+    digest = hashlib.sha256()
+    _hash_file_into(digest, path)
+    return digest.hexdigest()
+
+
 def weights_sha256(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:

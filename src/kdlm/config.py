@@ -312,6 +312,10 @@ class TrainConfig:
     row training stops with an error, keeping the last good checkpoint."""
     resume: bool = False
     """Continue from the newest complete checkpoint in output_dir."""
+    overwrite: bool = False
+    """Start a new run in an output_dir that already holds one (config.yaml, metrics.jsonl, checkpoints, final/ ...):
+    the old run's folder is first renamed to <output_dir>.old-<YYYYmmdd-HHMMSS> beside it (nothing is deleted).
+    Without it (and without resume) such a run is refused before anything is written."""
     trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     """Extra trackers through accelerate (metrics.jsonl is always written)."""
     progress: bool = True
@@ -380,6 +384,8 @@ def validate(cfg: Config) -> Config:
     (objective.divergence and objective.kd_ratio, see their help). Returns ``cfg``."""
     s, o, t, d = cfg.student, cfg.objective, cfg.train, cfg.data
     errors: list[str] = []
+    if t.resume and t.overwrite:
+        errors.append("train.resume and train.overwrite exclude each other: continue the run, or move it aside")
     if o.name not in OBJECTIVES:  # the CLI's parser already refuses these; a Config built in Python may not
         raise ConfigError(f"invalid configuration: objective.name must be one of {', '.join(OBJECTIVES)}, got {o.name!r}")
     spec = OBJECTIVES[o.name]

@@ -23,3 +23,7 @@ class TrainingError(KdlmError):
 
 class CacheError(KdlmError):
     """A teacher cache is missing, unfinished, torn, or was built for another run (teacher, tokenizer, lengths...)."""
+
+
+class RunDirError(KdlmError):
+    """``train.output_dir`` already holds a run that a new run would replace (or cannot be moved aside)."""

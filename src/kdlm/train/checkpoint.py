@@ -4,6 +4,11 @@ A checkpoint folder ``checkpoint-0000100`` holds the student (safetensors, loada
 the optimizer state, the scheduler state, every process's RNG state and the data position. It is written under a
 temporary name, ``manifest.json`` is written last, and only then is the folder renamed: a folder without a
 manifest is a torn checkpoint and is never loaded.
+
+The manifest (format 2) records every file's size in bytes and sha256. ``--resume`` verifies them and skips a
+checkpoint whose file is missing, has another size or another hash (damaged on disk or by a copy) with a warning
+naming the file, resuming from the newest intact one. A format-1 manifest (kdlm before checksums) lists names only:
+it is accepted with a warning that its files cannot be verified.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from kdlm.cache import file_sha256
 from kdlm.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: ``files`` maps each file to its size and sha256; 1: ``files`` lists names only (still loadable)."""
 PREFIX = "checkpoint-"
 
 
@@ -84,7 +91,10 @@ def save_checkpoint(run_dir: Path, state: TrainState, accelerator, student_lm, o
             "format": FORMAT_VERSION,
             "step": state.step,
             "num_processes": accelerator.num_processes,
-            "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()),
+            "files": {
+                str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                for p in sorted(tmp.rglob("*")) if p.is_file()
+            },
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks the folder complete
         if final.exists():
@@ -109,15 +119,59 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest checkpoint with a manifest (its files not verified: see :func:`latest_intact_checkpoint`)."""
     complete = complete_checkpoints(run_dir)
     return complete[-1] if complete else None
+
+
+def checkpoint_damage(path: Path) -> Optional[str]:
+    """What is wrong with the files of checkpoint ``path`` against its manifest, naming the file; None if intact.
+
+    Sizes are compared first (cheap, catches truncation), then every file's sha256 (catches changed bytes).
+    """
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{path / 'manifest.json'} is unreadable ({error})"
+    if manifest.get("format") == 1:
+        log.warning("%s was written before kdlm recorded checksums (checkpoint format 1): its files cannot be "
+                    "verified", path)
+        return None
+    for name, expected in files.items():
+        size = (path / name).stat().st_size if (path / name).is_file() else None
+        if size != expected["bytes"]:
+            found = "missing" if size is None else f"{size} bytes"
+            return f"{path / name} is {found}, the manifest says {expected['bytes']} bytes"
+    for name, expected in files.items():
+        if file_sha256(path / name) != expected["sha256"]:
+            return f"{path / name} does not match the sha256 in the manifest (its bytes changed)"
+    return None
+
+
+def latest_intact_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint whose files match their manifest; damaged ones are skipped with a warning.
+
+    Raises :class:`CheckpointError` when complete checkpoints exist but every one is damaged.
+    """
+    complete = complete_checkpoints(run_dir)
+    damaged = []
+    for path in reversed(complete):
+        problem = checkpoint_damage(path)
+        if problem is None:
+            return path
+        log.warning("skipping damaged checkpoint %s: %s", path, problem)
+        damaged.append(problem)
+    if damaged:
+        raise CheckpointError(f"--resume: every checkpoint in {run_dir} is damaged: {'; '.join(damaged)}")
+    return None
 
 
 def load_checkpoint(path: Path, accelerator, student_lm, optimizer, scheduler) -> TrainState:
     """Restore weights, optimizer, scheduler, RNG and data position; anything missing is an error."""
     manifest = json.loads((path / "manifest.json").read_text())
-    if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format')} is not {FORMAT_VERSION}")
+    if manifest.get("format") not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format')} is not 1 or {FORMAT_VERSION}")
     if manifest["num_processes"] != accelerator.num_processes:
         raise CheckpointError(
             f"{path}: written by {manifest['num_processes']} processes, resuming with {accelerator.num_processes}; "

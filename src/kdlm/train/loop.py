@@ -19,6 +19,7 @@ import os
 import resource
 import signal
 import time
+import traceback
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -31,13 +32,15 @@ from tqdm.auto import tqdm
 
 from kdlm.config import Config, check_paths, flatten, save_resolved, to_dict
 from kdlm.data import collate, load_splits, read_examples, tokenize_examples
-from kdlm.errors import CheckpointError, DataError, TrainingError
+from kdlm.errors import CheckpointError, DataError, RunDirError, TrainingError
 from kdlm.eval.heldout import evaluate_and_report, format_comparison
 from kdlm.generation import fill_teacher_responses
 from kdlm.logs import setup_logging
 from kdlm.models import DecoderOnly, load_models, save_student
-from kdlm.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from kdlm.train.checkpoint import (TrainState, latest_checkpoint, latest_intact_checkpoint, load_checkpoint,
+                                  save_checkpoint)
 from kdlm.train.mixing import DomainMixer, write_mixing_report
+from kdlm.train.rundir import claim_run_dir
 from kdlm.train.objectives import make_objective
 
 log = logging.getLogger("kdlm")
@@ -174,11 +177,65 @@ def fault_injection() -> Callable[[], None]:
 
 
 def distill(cfg: Config) -> dict:
-    """Train the student as ``cfg`` says; returns the run summary (also written to summary.json)."""
+    """Train the student as ``cfg`` says; returns the run summary (also written to summary.json).
+
+    Under several processes (torchrun, accelerate launch) accelerate creates the process group here, and this
+    function also takes it down, in an order that cannot deadlock (see :func:`_teardown`).
+    """
+    from accelerate import Accelerator
+
     started = time.time()
     check_paths(cfg)  # a missing data or model path fails here, before any model is loaded or run directory made
     peak_rss_scope = reset_peak_rss()
-    accelerator, run_dir, resume_from = _start_run(cfg)  # 1.
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=cfg.train.trackers or None,
+        project_dir=cfg.train.output_dir,
+    )
+    clean = False
+    try:
+        summary = _run(cfg, accelerator, started, peak_rss_scope)
+        clean = True
+        return summary
+    except BaseException as error:
+        # The traceback keeps _run's frame alive, and with it the DDP model: clear the frames' locals (the
+        # traceback still prints) so that the model is freed before the process group, as on success.
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        _teardown(accelerator, owns_group, clean)
+
+
+def _teardown(accelerator, owns_group: bool, clean: bool) -> None:
+    """Finish trackers, free the prepared model/optimizer/loader, then destroy the process group if kdlm made it.
+
+    Why this order: gloo joins its worker threads when the process group object is destroyed, and a worker may
+    still need the GIL to release the tensors of its last collective. ``accelerator.end_training()`` used to
+    unregister the group while the DDP model still held it, so the group died later inside the DDP reducer's
+    destructor, which runs holding the GIL: the main thread waited for the worker, the worker for the GIL (the
+    hang at exit seen under CPU load). Here every process first passes a barrier (all collectives done), the DDP
+    model is freed while the group is still registered, and the group is then destroyed from Python, which
+    releases the GIL while gloo joins its threads. A group created by the caller is left alone. ``clean`` is
+    False after an error: no barrier then (the other processes may never reach it).
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.free_memory()  # accelerate's own references to the prepared objects; runs gc
+    if owns_group and torch.distributed.is_initialized():
+        from accelerate.state import AcceleratorState, GradientState
+
+        if clean:
+            accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+        # accelerate's singletons describe the group just destroyed: a later distill() in this process builds anew.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def _run(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dict:
+    """Steps 1-8 of the module docstring on a ready ``accelerator``; its locals die on return (see _teardown)."""
+    run_dir, resume_from = _start_run(cfg, accelerator)  # 1.
     models, teacher, teacher_cache = _load_models(cfg, accelerator)  # 2.
     tokenizer, vocab_size = models.tokenizer, models.vocab_size
     data = _load_data(cfg, accelerator, tokenizer, teacher, teacher_cache, vocab_size)  # 3.
@@ -199,38 +256,53 @@ def distill(cfg: Config) -> dict:
                    peak_rss_scope)
 
 
-def _start_run(cfg: Config):
-    """1. Accelerator, run directory, logging, resolved config, trackers, seed; finds the checkpoint to resume."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+def _start_run(cfg: Config, accelerator) -> tuple[Path, Optional[Path]]:
+    """1. Run directory (refused or moved aside), logging, resolved config, trackers, seed; the checkpoint to
+    resume from."""
+    from accelerate.utils import broadcast_object_list, set_seed
 
     run_dir = Path(cfg.train.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=cfg.train.trackers or None,
-        project_dir=str(run_dir),
-    )
+    # Process 0 alone looks at the directory (refuse, or move the old run aside); every process then raises the same
+    # error, before anything is written or any model is loaded.
+    refusal: list[Optional[str]] = [None]
+    backup: Optional[Path] = None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+        try:
+            backup = claim_run_dir(run_dir, cfg.train.resume, cfg.train.overwrite)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except RunDirError as error:
+            refusal[0] = str(error)
+    broadcast_object_list(refusal, from_process=0)
+    if refusal[0] is not None:
+        raise RunDirError(refusal[0])
     # kdlm's log lines on stderr and, on the main process, in train.log; other processes only warn.
     setup_logging(run_dir / "train.log" if accelerator.is_main_process else None,
                   level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if accelerator.is_main_process and backup is not None:
+        log.warning("train.overwrite: the earlier run in %s was moved to %s", run_dir, backup)
     resume_from = None
     if cfg.train.resume:
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is None:
+        # Process 0 verifies the checkpoints' files (sizes, sha256) and every process resumes from its choice.
+        found: list = [None]
+        if accelerator.is_main_process:
+            try:
+                found[0] = latest_intact_checkpoint(run_dir)
+            except CheckpointError as error:
+                found[0] = error
+        broadcast_object_list(found, from_process=0)
+        if isinstance(found[0], CheckpointError):
+            raise CheckpointError(str(found[0]))
+        if found[0] is None:
             raise CheckpointError(f"--resume: no complete checkpoint in {run_dir} (set train.save_every to write some)")
+        resume_from = Path(found[0])
     if accelerator.is_main_process:
         save_resolved(cfg, run_dir / "config.yaml")
-        if not cfg.train.resume:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if cfg.train.trackers:
         # Trackers such as tensorboard take flat scalar hyper-parameters: "train.lr" -> 3e-4.
         flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}
         accelerator.init_trackers(run_dir.name or "kdlm", config=flat)
     set_seed(cfg.train.seed)
-    return accelerator, run_dir, resume_from
+    return run_dir, resume_from
 
 
 def _load_models(cfg: Config, accelerator):
@@ -437,5 +509,4 @@ def _finish(cfg: Config, accelerator, run_dir: Path, student_lm, tokenizer, data
             (run_dir / "comparison.md").write_text(comparison + "\n")
             print(comparison, flush=True)
         log.info("done in %.0f s, peak memory %.2f GB; student saved to %s", summary["wall_s"], summary["peak_rss_gb"], run_dir / "final")
-    accelerator.end_training()
     return summary
