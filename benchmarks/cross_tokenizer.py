@@ -48,8 +48,9 @@ from kdlm.data import load_splits
 from kdlm.data.align import collate_pairs, tokenize_pairs
 from kdlm.generation import fill_teacher_responses
 from kdlm.models import load_model, load_tokenizer
-from kdlm.train.cross_tokenizer import make_cross_tokenizer_objective
-from kdlm.train.objectives import DecoderOnly, make_objective
+from kdlm.train.objectives.cross_tokenizer import make_cross_tokenizer_objective
+from kdlm.models import DecoderOnly
+from kdlm.train.objectives import make_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

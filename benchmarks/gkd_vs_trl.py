@@ -156,7 +156,9 @@ def run_kdlm(ctx: dict, rec: Record, baton: Baton, name: str, steps: int) -> tor
     from kdlm.data import collate
     from kdlm.train.checkpoint import TrainState
     from kdlm.train.loop import EpochSampler, _batches
-    from kdlm.train.objectives import DecoderOnly, make_objective, response_positions
+    from kdlm.data.format import response_positions
+    from kdlm.models import DecoderOnly
+    from kdlm.train.objectives import make_objective
 
     cfg, tokenizer, vocab_size = ctx["cfg"], ctx["tokenizer"], ctx["vocab_size"]
     teacher, train_items = ctx["teachers"][name], ctx["train_items"]

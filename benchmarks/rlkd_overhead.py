@@ -30,7 +30,8 @@ from kdlm.config import Config, validate
 from kdlm.data import collate, load_splits, tokenize_examples
 from kdlm.generation import fill_teacher_responses
 from kdlm.models import load_models
-from kdlm.train.objectives import DecoderOnly, make_objective
+from kdlm.models import DecoderOnly
+from kdlm.train.objectives import make_objective
 
 VARIANTS = {
     "kd (fkl)": {"name": "kd"},

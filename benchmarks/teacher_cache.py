@@ -42,7 +42,8 @@ from kdlm.eval.teacher_forced import teacher_forced_metrics
 from kdlm.generation import fill_teacher_responses
 from kdlm.models import load_model, load_models
 from kdlm.train.loop import distill
-from kdlm.train.objectives import DecoderOnly, make_objective
+from kdlm.models import DecoderOnly
+from kdlm.train.objectives import make_objective
 
 
 def setting_overrides(name: str) -> dict:

@@ -13,9 +13,10 @@ from kdlm.data.align import collate_pairs, tokenize_pairs
 from kdlm.data.sources import Example
 from kdlm.errors import ModelError
 from kdlm.losses.cross_tokenizer import VocabMap
-from kdlm.train.cross_tokenizer import CrossTokenizerKD, make_cross_tokenizer_objective
+from kdlm.train.objectives.cross_tokenizer import make_cross_tokenizer_objective
 from kdlm.train.loop import distill
-from kdlm.train.objectives import DecoderOnly, make_objective
+from kdlm.models import DecoderOnly
+from kdlm.train.objectives import make_objective
 from xtok_util import TRAIN_TEXTS, byte_level, metaspace
 
 TEXTS = TRAIN_TEXTS + [f"{p} {r}" for p, r in QA]
@@ -159,7 +160,7 @@ def test_config_contradictions_are_named(cross_setup, tmp_path):
                     tmp_path, **{"objective.cross_tokenizer": "uld"})
     with pytest.raises(ConfigError, match="objective.uld_weight must be >= 0 and applies to objective.cross_tokenizer=align"):
         _cross_config(cross_setup, tmp_path, **{"objective.cross_tokenizer": "uld", "objective.uld_weight": 0.5})
-    with pytest.raises(ConfigError, match="works with objective.name=kd, not 'gkd'"):
+    with pytest.raises(ConfigError, match="objective.cross_tokenizer applies to objective.name=kd, not .gkd."):
         _cross_config(cross_setup, tmp_path, **{"objective.name": "gkd"})
 
 

@@ -127,7 +127,7 @@ def test_format_change(before, after, expected):
 
 
 def test_comparison_table_never_prints_nan_percent_and_labels_references_by_source():
-    from kdlm.eval.report import format_comparison
+    from kdlm.eval.heldout import format_comparison
 
     before = {"overall": {"kl": 14.0, "teacher_ce": float("nan"), "cr@5": 0.001},
               "samples": [{"prompt": "p", "reference": "given", "reference_source": "dataset", "student": "x"},

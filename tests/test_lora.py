@@ -15,7 +15,7 @@ from kdlm.errors import CheckpointError, ModelError
 from kdlm.models import apply_lora, is_peft_model, load_models, save_student
 from kdlm.train import loop
 from kdlm.train.loop import distill
-from kdlm.train.objectives import DecoderOnly, OutputHead, _unwrap
+from kdlm.models import DecoderOnly, OutputHead, unwrap
 
 def _lora(**kwargs) -> dict:
     """A fresh LoRAConfig override per call (dataclass instances are mutable)."""
@@ -143,10 +143,10 @@ def test_decoder_only_and_output_head_see_the_adapters():
     peft_model = apply_lora(plain, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     _randomise_adapters(peft_model)
     wrapper = DecoderOnly(peft_model)
-    assert _unwrap(wrapper).lm is peft_model
+    assert unwrap(wrapper).lm is peft_model
     with torch.no_grad():
         hidden = wrapper(ids, mask)
-        ours = OutputHead.of(_unwrap(wrapper).lm, vocab).logits(hidden)
+        ours = OutputHead.of(unwrap(wrapper).lm, vocab).logits(hidden)
         reference = peft_model(input_ids=ids, attention_mask=mask).logits
         with peft_model.disable_adapter():
             without = peft_model(input_ids=ids, attention_mask=mask).logits

@@ -8,7 +8,8 @@ from kdlm import losses
 from kdlm.data import collate, read_examples, tokenize_examples
 from kdlm.errors import ModelError
 from kdlm.models import check_same_tokenizer, default_keep_layers, load_models, prune_from_teacher
-from kdlm.train.objectives import DecoderOnly, make_objective
+from kdlm.models import DecoderOnly
+from kdlm.train.objectives import make_objective
 
 
 def test_same_tokenizer_passes_and_gives_vocab_size():

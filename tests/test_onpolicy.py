@@ -11,7 +11,7 @@ from conftest import tiny_config
 
 from kdlm.config import ConfigError
 from kdlm.train.loop import distill
-from kdlm.train.onpolicy import _seed
+from kdlm.train.objectives.sampling import _seed
 
 
 def _metrics(run):

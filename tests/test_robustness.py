@@ -34,14 +34,17 @@ def _poison(monkeypatch, bad_calls: set[int]) -> None:
     def make(*args, **kwargs):
         objective = real(*args, **kwargs)
 
-        def poisoned(student, batch):
-            out = objective(student, batch)
-            if calls["n"] in bad_calls:
-                out.loss_sum = out.loss_sum * float("nan")
-            calls["n"] += 1
-            return out
+        class Poisoned:  # the same objective, whose loss turns NaN on the chosen calls
+            prepare_window, units = objective.prepare_window, objective.units
 
-        return poisoned
+            def __call__(self, student, batch):
+                out = objective(student, batch)
+                if calls["n"] in bad_calls:
+                    out.loss_sum = out.loss_sum * float("nan")
+                calls["n"] += 1
+                return out
+
+        return Poisoned()
 
     monkeypatch.setattr(loop, "make_objective", make)
 

@@ -43,8 +43,9 @@ import torch
 
 from kdlm.config import Config
 from kdlm.data.format import IGNORE, Tokenized
-from kdlm.errors import CacheError, ModelError
+from kdlm.errors import CacheError
 from kdlm.losses import sparse
+from kdlm.models import teacher_fingerprint, teacher_weight_files, weights_fingerprint  # noqa: F401 (re-exported)
 
 log = logging.getLogger("kdlm")
 
@@ -53,58 +54,11 @@ VERSION = 1
 MANIFEST = "manifest.json"
 _SHARD_NAME = re.compile(r"^shard-\d{5}\.safetensors$")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 # --------------------------------------------------------------------------------------------------
 # Identity: what a run and a cache must agree on.
 # --------------------------------------------------------------------------------------------------
-
-
-def teacher_weight_files(cfg: Config) -> list[Path]:
-    """The files holding the teacher's weights, found without loading the model (local folder, GGUF, hub cache)."""
-    from kdlm.models import resolve_source
-
-    t = cfg.teacher
-    name, gguf = resolve_source(t.name_or_path, t.gguf_file)
-    if gguf:
-        return [Path(name) / gguf]
-    folder = Path(name)
-    if not folder.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(name, revision=t.revision, local_files_only=True))
-        except Exception as err:  # noqa: BLE001 - any failure means: no local copy to fingerprint
-            raise ModelError(f"teacher.name_or_path {name!r}: no local copy of its weights to fingerprint ({err})") from None
-    files = sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
-    if not files:
-        raise ModelError(f"teacher.name_or_path {name!r}: no weight files ({', '.join(_WEIGHT_SUFFIXES)}) in {folder}")
-    return files
-
-
-def weights_fingerprint(files: list[Path], blocks: int = 16, block_size: int = 1 << 16) -> str:
-    """sha256 over each file's name, size and ``blocks`` evenly spaced blocks: a few MB read whatever the model size.
-
-    It tells different checkpoints apart (any retraining changes every block) without hashing hundreds of GB at
-    every training start; the manifest also records the full sha256 computed while caching.
-    """
-    digest = hashlib.sha256()
-    for path in files:
-        size = path.stat().st_size
-        digest.update(f"{path.name}|{size}|".encode())
-        with path.open("rb") as handle:
-            for i in range(blocks):
-                handle.seek(max(0, (size - block_size) * i // max(blocks - 1, 1)))
-                digest.update(handle.read(block_size))
-    return digest.hexdigest()
-
-
-def teacher_fingerprint(cfg: Config) -> str:
-    """:func:`weights_fingerprint` of the teacher's weight files: what every on-disk cache of the teacher's outputs
-    (this cache, the generated responses, DDK's perplexities) is keyed by, so that a teacher retrained into the same
-    folder never meets another teacher's entries."""
-    return weights_fingerprint(teacher_weight_files(cfg))
 
 
 def _hash_file_into(digest, path: Path) -> None:
@@ -228,8 +182,8 @@ def _shard_arrays(
     teacher, items: list[Tokenized], cfg: Config, vocab_size: int, pad_id: int, bar
 ) -> dict[str, torch.Tensor]:
     """The signal arrays of one shard's examples (teacher forward in batches that never leave the shard)."""
-    from kdlm.data.format import collate
-    from kdlm.train.objectives import DecoderOnly, OutputHead, response_positions
+    from kdlm.data.format import collate, response_positions
+    from kdlm.models import DecoderOnly, OutputHead
 
     c = cfg.cache
     value_dtype, ids_dtype = _DTYPES[c.dtype], id_dtype(vocab_size)

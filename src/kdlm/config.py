@@ -14,14 +14,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
+
+from kdlm.registry import DIVERGENCES, OBJECTIVES, objective_default, param_owners
 
 DEMO_TEACHER = "builtin:smollm2-135m-instruct"
 DEMO_DATA = "builtin:demo-prompts"
 
-Divergence = Literal["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "akl"]
+# The allowed names come from the tables in kdlm.registry (adding a method or divergence adds its name here).
+Divergence = Literal[tuple(DIVERGENCES)]  # type: ignore[valid-type]
+ObjectiveName = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -186,7 +190,7 @@ class SamplingConfig:
 class ObjectiveConfig:
     """What the student is trained to minimise: a batch -> (loss, metrics) function."""
 
-    name: Literal["sft", "kd", "rlkd", "gkd", "dpkd"] = "kd"
+    name: ObjectiveName = "kd"
     """sft: cross-entropy on the responses; kd: (1-kd_ratio)*CE + kd_ratio*divergence(teacher, student); rlkd: kd whose
     per-token divergence is rank_weight*(1 - rank correlation of the top-k peaks) + divergence (RLKD); gkd: kd on
     responses the student samples itself with probability lmbda per step (GKD); dpkd: the teacher as DPO's reference
@@ -261,18 +265,21 @@ class ObjectiveConfig:
     def ranking_params(self) -> dict[str, object]:
         """rlkd's ranking settings with the paper's defaults filled in (keywords of kdlm.losses.rlkd_token)."""
         return {
-            "rank_weight": 2.0 if self.rank_weight is None else self.rank_weight,
-            "k": 5 if self.rank_k is None else self.rank_k,
-            "regularization_strength": 1.0 if self.rank_strength is None else self.rank_strength,
-            "dynamic": bool(self.rank_dynamic),
+            "rank_weight": self.setting("rank_weight"),
+            "k": self.setting("rank_k"),
+            "regularization_strength": self.setting("rank_strength"),
+            "dynamic": bool(self.setting("rank_dynamic")),
         }
 
+    def setting(self, key: str):
+        """``objective.<key>`` as set, else this objective's default (:data:`kdlm.registry.OBJECTIVES`)."""
+        value = getattr(self, key)
+        return objective_default(self.name, key) if value is None else value
 
-# Which divergence owns which parameter: setting one for another divergence is a contradiction.
-_PARAM_OWNERS: dict[str, tuple[str, ...]] = {"beta": ("jsd",), "alpha": ("skew_fkl", "skew_rkl"), "mu": ("akl",)}
-_RANK_KEYS = ("rank_weight", "rank_k", "rank_strength", "rank_dynamic")
-_GKD_KEYS = ("lmbda", "seq_kd", "reward_fn", "reward_alpha")
-_DPKD_KEYS = ("dpkd_form", "dpkd_beta", "refresh_every", "lm_data", "lm_weight")
+
+# Which divergence owns which parameter (from kdlm.registry.DIVERGENCES): setting one for another divergence is a
+# contradiction.
+_PARAM_OWNERS: dict[str, tuple[str, ...]] = param_owners()
 
 
 @dataclass
@@ -388,10 +395,12 @@ def validate(cfg: Config) -> Config:
     errors: list[str] = []
     if t.resume and t.overwrite:
         errors.append("train.resume and train.overwrite exclude each other: continue the run, or move it aside")
-    if o.divergence is None:
-        o.divergence = "jsd" if o.name == "gkd" else "fkl"
-    if o.kd_ratio is None:
-        o.kd_ratio = 1.0 if o.name == "gkd" else 0.5
+    if o.name not in OBJECTIVES:  # the CLI's parser already refuses these; a Config built in Python may not
+        raise ConfigError(f"invalid configuration: objective.name must be one of {', '.join(OBJECTIVES)}, got {o.name!r}")
+    spec = OBJECTIVES[o.name]
+    for key in ("divergence", "kd_ratio"):  # method-dependent defaults, written into the resolved config
+        if getattr(o, key) is None:
+            setattr(o, key, objective_default(o.name, key))
     if s.init == "pretrained":
         if not s.name_or_path:
             errors.append("student.name_or_path is required when student.init=pretrained")
@@ -417,13 +426,17 @@ def validate(cfg: Config) -> Config:
             errors.append(f"student.lora.target_modules must be a non-empty list of distinct module names, got {names!r}")
         elif "all-linear" in names and len(names) > 1:
             errors.append("student.lora.target_modules: 'all-linear' must be the only entry")
+    if o.divergence not in DIVERGENCES:
+        raise ConfigError(f"invalid configuration: objective.divergence must be one of {', '.join(DIVERGENCES)}, "
+                          f"got {o.divergence!r}")
     for name, owners in _PARAM_OWNERS.items():
         if getattr(o, name) is not None and o.divergence not in owners:
             errors.append(f"objective.{name} applies to divergence {' / '.join(owners)}, not '{o.divergence}'")
-    if o.name == "sft" and o.divergence_params():
-        errors.append("objective.beta/alpha/mu have no effect with objective.name=sft")
-    for keys, method in ((_RANK_KEYS, "rlkd"), (_GKD_KEYS, "gkd"), (_DPKD_KEYS, "dpkd")):
-        for key in keys:
+    if not spec.divergence and o.divergence_params():
+        errors.append(f"objective.{'/'.join(_PARAM_OWNERS)} have no effect with objective.name={o.name} (it uses no "
+                      "divergence)")
+    for method, method_spec in OBJECTIVES.items():
+        for key in method_spec.keys:
             if o.name != method and getattr(o, key) is not None:
                 errors.append(f"objective.{key} applies to objective.name={method}, not '{o.name}'")
     if o.lmbda is not None and not 0.0 <= o.lmbda <= 1.0:
@@ -440,8 +453,6 @@ def validate(cfg: Config) -> Config:
         errors.append("objective.lm_weight must be >= 0 and needs objective.lm_data")
     if o.dpkd_beta is not None and not o.dpkd_beta > 0:
         errors.append(f"objective.dpkd_beta must be > 0, got {o.dpkd_beta}")
-    if o.name == "dpkd" and o.divergence_params():
-        errors.append("objective.beta/alpha/mu have no effect with objective.name=dpkd (its beta is objective.dpkd_beta)")
     sp = o.sampling
     if sp.temperature < 0 or not 0.0 < sp.top_p <= 1.0 or sp.top_k < 0 or sp.max_new_tokens < 1:
         errors.append("objective.sampling: temperature >= 0, 0 < top_p <= 1, top_k >= 0 and max_new_tokens >= 1 required")
@@ -464,8 +475,6 @@ def validate(cfg: Config) -> Config:
     if o.chunk_size < 1:
         errors.append("objective.chunk_size must be >= 1")
     if o.cross_tokenizer is not None:
-        if o.name != "kd":
-            errors.append(f"objective.cross_tokenizer works with objective.name=kd, not '{o.name}'")
         if s.init != "pretrained":
             errors.append("objective.cross_tokenizer needs student.init=pretrained (a pruned student has the teacher's tokenizer)")
         if o.cross_tokenizer == "uld" and o.divergence_params():
@@ -517,21 +526,37 @@ def validate(cfg: Config) -> Config:
     if c.k < 1 or not 1 <= c.samples <= 255 or c.top < 0 or c.shard_size < 1 or (c.batch_size is not None and c.batch_size < 1):
         errors.append("cache: k >= 1, 1 <= samples <= 255, top >= 0, shard_size >= 1 and batch_size >= 1 required")
     if c.dir is not None:
-        if o.name not in ("kd",):
+        if not spec.teacher_cache:
+            able = " / ".join(name for name, s in OBJECTIVES.items() if s.teacher_cache)
             errors.append(
-                f"cache.dir: training from a teacher cache works with objective.name=kd (any divergence), not "
-                f"'{o.name}' ({'it uses no teacher; unset cache.dir' if o.name == 'sft' else 'it needs the live teacher'})"
+                f"cache.dir: training from a teacher cache works with objective.name={able} (any divergence), not "
+                f"'{o.name}' ({'it uses no teacher; unset cache.dir' if not spec.needs_teacher else 'it needs the live teacher'})"
             )
-        if c.mode == "sampled" and o.divergence in ("rkl", "akl"):
+        if c.mode == "sampled" and DIVERGENCES[o.divergence].needs_teacher_support:
+            unsupported = "/".join(name for name, d in DIVERGENCES.items() if d.needs_teacher_support)
             errors.append(
                 f"cache.mode=sampled with objective.divergence={o.divergence}: the sampled estimate has no mass outside "
-                "its draws, where KL(q||p) is infinite; use cache.mode=topk (its tail bucket) for rkl/akl"
+                f"its draws, where KL(q||p) is infinite; use cache.mode=topk (its tail bucket) for {unsupported}"
             )
         if m.strategy != "none":
             errors.append("cache.dir with data.mixing: DDK measures teacher perplexities with the live teacher; unset one of them")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     return cfg
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys: ``{"train": {"lr": 3e-4}}`` -> ``{"train.lr": 3e-4}`` (empty
+    dicts stay values)."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 _LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")

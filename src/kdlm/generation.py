@@ -1,4 +1,4 @@
-"""Batched generation (KV cache, left padding) and the teacher-response cache used for SeqKD-style data."""
+"""Text generation for evaluation and the teacher-response cache used for SeqKD-style data, on :mod:`kdlm.sampler`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import tempfile
 from typing import Optional
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from kdlm.config import Config
@@ -18,12 +19,12 @@ from kdlm.data.format import encode_prompt, render_prompt
 from kdlm.data.sources import Example
 from kdlm.errors import DataError
 from kdlm.models import cache_root
+from kdlm.sampler import first_stops, left_pad, sample_tokens, seeded, stop_token_ids
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: keyed by the teacher's weights fingerprint instead of its path
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -38,59 +39,50 @@ def generate(
     progress: bool = True,
     desc: str = "generating",
 ) -> list[str]:
-    """Complete each prompt; returns the decoded completions (special tokens stripped), in input order.
+    """Complete each prompt; returns the decoded completions (stop token cut, special tokens stripped), in input order.
 
-    Prompts are sorted by length so each batch pads little; the model is put in eval mode and restored.
+    Greedy, or with ``do_sample`` sampled with ``temperature`` and ``top_p`` (top-k off), through
+    :func:`kdlm.sampler.sample_tokens` (its stop and eval-mode rules); the RNG is seeded with ``seed`` once for all
+    batches (:func:`kdlm.sampler.seeded`) and restored afterwards.
+    Prompts are sorted by length so each batch pads little.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, text) for text in prompt_texts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list[Optional[str]] = [None] * len(encoded)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    stops = stop_token_ids(tokenizer, model)
     bar = tqdm(total=len(encoded), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
     new_tokens = 0
     try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            # Left padding: every prompt ends at the same column, so generation continues all of them at once.
-            input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                input_ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                attention_mask[r, width - len(encoded[i]) :] = 1
-            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **sampling,
-            )
-            completions = output[:, width:]
-            for r, i in enumerate(rows):
-                tokens = completions[r].tolist()
-                if tokenizer.eos_token_id in tokens:
-                    tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
-                new_tokens += len(tokens)
-                results[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            bar.update(len(rows))
-            bar.set_postfix(tok_s=f"{new_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+        with seeded(model, seed):  # one seed for the whole generation, as one long sampled stream
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                right = pad_sequence([torch.tensor(encoded[i]) for i in rows], batch_first=True,
+                                     padding_value=tokenizer.pad_token_id)
+                input_ids, attention_mask = left_pad(right, torch.tensor([len(encoded[i]) for i in rows]),
+                                                     tokenizer.pad_token_id)
+                completions = sample_tokens(
+                    model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop_token_ids=stops,
+                    pad_token_id=tokenizer.pad_token_id, seed=None, temperature=temperature if do_sample else 0.0,
+                    top_p=top_p, top_k=0,
+                ).cpu()
+                has_stop, first_stop = first_stops(completions, stops)
+                for r, i in enumerate(rows):
+                    tokens = completions[r].tolist()
+                    if has_stop[r]:
+                        tokens = tokens[: int(first_stop[r])]
+                    new_tokens += len(tokens)
+                    results[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                bar.update(len(rows))
+                bar.set_postfix(tok_s=f"{new_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
     finally:
         bar.close()
-        torch.random.set_rng_state(generator_state)
-        model.train(was_training)
     return [r if r is not None else "" for r in results]
 
 
 def _responses_key(cfg: Config, prompt_texts: list[str]) -> str:
     """Hash of what the responses depend on: the teacher's weights (not its path: a teacher retrained into the same
     folder writes other responses) and dtype, the generation settings and the exact prompt texts."""
-    from kdlm.cache import teacher_fingerprint
+    from kdlm.models import teacher_fingerprint
 
     identity = {
         "version": CACHE_VERSION,

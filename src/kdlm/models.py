@@ -110,6 +110,56 @@ def _materialise_gguf(folder: str, gguf_file: str, cache_dir: Optional[str]) -> 
     return target
 
 
+
+# The teacher's weight identity: what every on-disk cache of its outputs (the teacher cache, the generated responses,
+# DDK's perplexities) is keyed by.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def teacher_weight_files(cfg: Config) -> list[Path]:
+    """The files holding the teacher's weights, found without loading the model (local folder, GGUF, hub cache)."""
+    t = cfg.teacher
+    name, gguf = resolve_source(t.name_or_path, t.gguf_file)
+    if gguf:
+        return [Path(name) / gguf]
+    folder = Path(name)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name, revision=t.revision, local_files_only=True))
+        except Exception as err:  # noqa: BLE001 - any failure means: no local copy to fingerprint
+            raise ModelError(f"teacher.name_or_path {name!r}: no local copy of its weights to fingerprint ({err})") from None
+    files = sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        raise ModelError(f"teacher.name_or_path {name!r}: no weight files ({', '.join(_WEIGHT_SUFFIXES)}) in {folder}")
+    return files
+
+
+def weights_fingerprint(files: list[Path], blocks: int = 16, block_size: int = 1 << 16) -> str:
+    """sha256 over each file's name, size and ``blocks`` evenly spaced blocks: a few MB read whatever the model size.
+
+    It tells different checkpoints apart (any retraining changes every block) without hashing hundreds of GB at
+    every training start; the manifest also records the full sha256 computed while caching.
+    """
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}|{size}|".encode())
+        with path.open("rb") as handle:
+            for i in range(blocks):
+                handle.seek(max(0, (size - block_size) * i // max(blocks - 1, 1)))
+                digest.update(handle.read(block_size))
+    return digest.hexdigest()
+
+
+def teacher_fingerprint(cfg: Config) -> str:
+    """:func:`weights_fingerprint` of the teacher's weight files: what every on-disk cache of the teacher's outputs
+    (this cache, the generated responses, DDK's perplexities) is keyed by, so that a teacher retrained into the same
+    folder never meets another teacher's entries."""
+    return weights_fingerprint(teacher_weight_files(cfg))
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -253,6 +303,70 @@ def is_peft_model(model: nn.Module) -> bool:
     """Whether ``model`` is a peft ``PeftModel`` (checked without importing peft: none exists before it is imported)."""
     peft = sys.modules.get("peft")
     return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside data-parallel wrappers (DDP, FSDP keep the wrapped module as ``.module``)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+class DecoderOnly(nn.Module):
+    """Wraps a causal LM so that ``forward`` returns the decoder's final hidden states, not logits.
+
+    The output layer is applied by the loss (fused with the divergence, chunk by chunk). This wrapper is the
+    module handed to ``accelerator.prepare`` so data-parallel wrappers see the forward pass.
+
+    ``lm`` is a Hugging Face causal LM or a peft ``PeftModel`` around one (LoRA student). The hidden states come
+    from the causal LM's decoder (its ``base_model``, e.g. ``LlamaModel``); for a ``PeftModel`` that is the decoder
+    of the wrapped model, whose targeted layers carry the adapters (peft's own ``base_model`` is the LoRA wrapper,
+    which returns logits).
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def decoder(self) -> nn.Module:
+        lm = self.lm
+        if is_peft_model(lm):
+            lm = lm.get_base_model()
+        return lm.base_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@dataclass
+class OutputHead:
+    """The output layer of a causal LM as the fused loss needs it: logits = softcap(scale * (h @ W[:V].T + b))."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    scale: float
+    softcap: Optional[float]
+
+    @classmethod
+    def of(cls, lm: nn.Module, vocab_size: int) -> "OutputHead":
+        head = lm.get_output_embeddings()
+        config = lm.config
+        scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere multiplies logits
+        if getattr(config, "logits_scaling", None):  # Granite divides them
+            scale /= float(config.logits_scaling)
+        softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2
+        bias = head.bias[:vocab_size] if getattr(head, "bias", None) is not None else None
+        # Rows past the tokenizer's vocabulary are padding (e.g. 152064 vs 151936): never part of any softmax.
+        return cls(head.weight[:vocab_size], bias, scale, float(softcap) if softcap else None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = hidden @ self.weight.T
+        if self.bias is not None:
+            logits = logits + self.bias
+        logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
 
 
 def _matches(module_name: str, target: str) -> bool:

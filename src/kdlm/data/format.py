@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, TypedDict
 
 import torch
 
@@ -112,7 +112,27 @@ def tokenize_examples(
     return out, counts
 
 
-def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+class Batch(TypedDict, total=False):
+    """A training batch: what :func:`collate` returns, plus the keys objectives add along the way.
+
+    Every tensor has B rows. Shapes: [B, L] unless said otherwise.
+    """
+
+    input_ids: torch.Tensor  # prompt + response, right-padded
+    labels: torch.Tensor  # = input_ids on the response, IGNORE on prompt and padding
+    attention_mask: torch.Tensor  # 1 on prompt + response
+    prompt_lengths: torch.Tensor  # [B]
+    ce_weights: torch.Tensor  # GKD with a reward: per-position weights of the CE term (the RLOO advantage)
+    lm_input_ids: torch.Tensor  # DPKD's plain-text batch ([B', L']; lm_labels, lm_attention_mask alike)
+    lm_labels: torch.Tensor
+    lm_attention_mask: torch.Tensor
+    rejected_input_ids: torch.Tensor  # DPKD sequence form: the student's sample (rejected_labels, ... alike)
+    rejected_labels: torch.Tensor
+    rejected_attention_mask: torch.Tensor
+    rejected_prompt_lengths: torch.Tensor
+
+
+def collate(items: list[Tokenized], pad_id: int) -> Batch:
     """Right-pad a batch. ``labels`` are -100 on prompt and padding; ``prompt_lengths`` [B] is each item's
     ``prompt_length`` (on-policy sampling re-extracts the prompts from it)."""
     width = max(len(item.input_ids) for item in items)
@@ -125,7 +145,14 @@ def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(item.labels)
         attention_mask[row, :n] = 1
     prompt_lengths = torch.tensor([item.prompt_length for item in items], dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "prompt_lengths": prompt_lengths}
+    return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask, prompt_lengths=prompt_lengths)
+
+
+def response_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [B, L-1] of positions whose NEXT token is a response token, and those next tokens [N]."""
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    return mask, targets[mask]
 
 
 def domain_counts(items: list[Tokenized]) -> dict[str, int]:

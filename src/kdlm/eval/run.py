@@ -20,7 +20,7 @@ from kdlm.data import load_splits, tokenize_examples
 from kdlm.errors import ModelError
 from kdlm.data import render_prompt
 from kdlm.eval.metrics import mean_std, score_texts
-from kdlm.eval.report import evaluate_and_report
+from kdlm.eval.heldout import evaluate_and_report
 from kdlm.generation import fill_teacher_responses, generate
 from kdlm.logs import setup_logging
 from kdlm.models import cache_root, load_models
@@ -42,7 +42,7 @@ _kept_teacher: dict[tuple[str, str, str], nn.Module] = {}
 
 
 def _teacher_key(cfg: Config, device: torch.device) -> Optional[tuple[str, str, str]]:
-    from kdlm.cache import teacher_fingerprint
+    from kdlm.models import teacher_fingerprint
 
     try:
         return teacher_fingerprint(cfg), cfg.teacher.dtype, str(device)

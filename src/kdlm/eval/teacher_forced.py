@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from kdlm import losses
-from kdlm.data.format import Tokenized, collate
-from kdlm.train.objectives import DecoderOnly, OutputHead, response_positions
+from kdlm.data.format import Tokenized, collate, response_positions
+from kdlm.models import DecoderOnly, OutputHead
 
 
 @torch.no_grad()

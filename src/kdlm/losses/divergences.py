@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import torch
 
+from kdlm import registry
+
 Tensor = torch.Tensor
 
 # log of the smallest positive (subnormal) float32, 2**-149.
@@ -252,25 +254,11 @@ def akl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
     return _akl(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature), mu, aux)
 
 
-DIVERGENCES: dict[str, Callable[..., Tensor]] = {
-    "fkl": fkl,
-    "rkl": rkl,
-    "jsd": jsd,
-    "tvd": tvd,
-    "skew_fkl": skew_fkl,
-    "skew_rkl": skew_rkl,
-    "akl": akl,
-}
+# Every divergence named in kdlm.registry.DIVERGENCES is the function of that name in this module; its parameters
+# and their defaults are the table's.
+DIVERGENCES: dict[str, Callable[..., Tensor]] = {name: globals()[name] for name in registry.DIVERGENCES}
 
-DEFAULT_PARAMS: dict[str, dict[str, float]] = {
-    "fkl": {},
-    "rkl": {},
-    "jsd": {"beta": 0.5},
-    "tvd": {},
-    "skew_fkl": {"alpha": 0.1},
-    "skew_rkl": {"alpha": 0.1},
-    "akl": {"mu": 0.5},
-}
+DEFAULT_PARAMS: dict[str, dict[str, float]] = {name: dict(spec.params) for name, spec in registry.DIVERGENCES.items()}
 
 
 def resolve_divergence(

@@ -38,13 +38,14 @@ from typing import Any, Callable
 
 import torch
 
+from kdlm import registry
 from kdlm.losses.divergences import resolve_divergence
 
 Tensor = torch.Tensor
 
 _MAX_EXACT_ID = 2**24  # float32 represents every integer up to here exactly
 # Divergences whose plug-in value is infinite-ish where the sampled estimate has no mass (q·log(q/0)).
-NEEDS_TEACHER_SUPPORT = ("rkl", "akl")
+NEEDS_TEACHER_SUPPORT = tuple(name for name, spec in registry.DIVERGENCES.items() if spec.needs_teacher_support)
 
 
 def pack_payload(ids: Tensor, logp: Tensor, tail_logp: Tensor) -> Tensor:

@@ -1,10 +1,13 @@
-"""``kdlm distill``: the one training loop, on accelerate. Read it top to bottom.
+"""``kdlm distill``: the one training loop, on accelerate. Read :func:`distill` top to bottom.
 
 1. run directory, resolved config, logging        5. optimizer, cosine schedule, accelerate.prepare
 2. teacher, student, tokenizer check               6. resume (weights, optimizer, scheduler, RNG, data position)
 3. data: read, teacher responses, tokenise,        7. the step loop: accumulate, clip, step, log, evaluate, save
    domain mixing (DDK) when asked for               8. final student + before/after evaluation
-4. the objective: a batch -> (loss, metrics) fn
+4. the objective (kdlm.train.objectives)
+
+Each numbered step is one function below; the order of the steps is part of the run's determinism (seeding, RNG
+draws), so it is fixed in :func:`distill`.
 """
 
 from __future__ import annotations
@@ -15,31 +18,31 @@ import math
 import os
 import resource
 import signal
-import sys
 import time
 import traceback
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from kdlm.config import Config, check_paths, save_resolved, to_dict
+from kdlm.config import Config, check_paths, flatten, save_resolved, to_dict
 from kdlm.data import collate, load_splits, read_examples, tokenize_examples
 from kdlm.data.align import collate_pairs, tokenize_pairs
 from kdlm.errors import CheckpointError, DataError, RunDirError, TrainingError
-from kdlm.eval.report import evaluate_and_report, format_comparison
+from kdlm.eval.heldout import evaluate_and_report, format_comparison
 from kdlm.generation import fill_teacher_responses
 from kdlm.logs import setup_logging
-from kdlm.models import load_models, save_student
+from kdlm.models import DecoderOnly, load_models, save_student
 from kdlm.train.checkpoint import (TrainState, latest_checkpoint, latest_intact_checkpoint, load_checkpoint,
                                   save_checkpoint)
 from kdlm.train.mixing import DomainMixer, write_mixing_report
 from kdlm.train.rundir import claim_run_dir
-from kdlm.train.objectives import DecoderOnly, make_objective, response_positions
+from kdlm.train.objectives import make_objective
 
 log = logging.getLogger("kdlm")
 
@@ -70,21 +73,6 @@ def _batches(accelerator, loader, sampler: EpochSampler, state: TrainState) -> I
             yield batch
         state.epoch += 1
         state.batches_in_epoch = 0
-
-
-def _setup_logging(run_dir: Path, is_main: bool) -> None:
-    """kdlm's own loggers go to stderr and, on the main process, to ``train.log`` in the run directory."""
-    setup_logging(run_dir / "train.log" if is_main else None, logging.INFO if is_main else logging.WARNING)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -124,6 +112,71 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+@dataclass
+class _Data:
+    """Step 3's result: tokenised training and held-out data, their drop counts, and the domain mixer (if any)."""
+
+    train_items: list
+    eval_items: list
+    eval_examples: list
+    counts: dict
+    mixer: Optional[DomainMixer]
+
+
+@dataclass
+class _Training:
+    """Step 5's result: the prepared student, optimizer, schedule and data loader."""
+
+    student: Any  # DecoderOnly, wrapped by accelerate
+    student_lm: Any  # the bare causal LM inside it
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    sampler: EpochSampler
+    total_steps: int
+
+
+@dataclass
+class _Logger:
+    """Step 7's metrics.jsonl / tracker / progress-bar writer; throughput is measured between two written lines."""
+
+    path: Path
+    accelerator: Any
+    bar: Any
+    log_every: int
+    total_steps: int
+    tokens_seen: int = 0
+    since: float = field(default_factory=time.time)
+
+    def write(self, record: dict, window: list[dict], force: bool) -> None:
+        self.tokens_seen += sum(int(b["attention_mask"].sum()) for b in window) * self.accelerator.num_processes
+        self.bar.update(1)
+        if record["step"] % self.log_every == 0 or record["step"] == self.total_steps or force:
+            elapsed = time.time() - self.since
+            record["tokens_per_s"] = self.tokens_seen / max(elapsed, 1e-9)
+            self.tokens_seen, self.since = 0, time.time()
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if self.accelerator.is_main_process:
+                with self.path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            self.accelerator.log(record, step=record["step"])
+
+
+def fault_injection() -> Callable[[], None]:
+    """Test-only hook, called after every micro-batch's backward pass: with ``KDLM_FAULT_KILL_AFTER_MICROBATCHES=N``
+    it SIGKILLs this process after N micro-batches (the kill-and-resume test); otherwise it does nothing."""
+    kill_after = int(os.environ.get("KDLM_FAULT_KILL_AFTER_MICROBATCHES", "0"))
+    done = 0
+
+    def after_microbatch() -> None:
+        nonlocal done
+        done += 1
+        if kill_after and done == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return after_microbatch
+
+
 def distill(cfg: Config) -> dict:
     """Train the student as ``cfg`` says; returns the run summary (also written to summary.json).
 
@@ -143,11 +196,11 @@ def distill(cfg: Config) -> dict:
     )
     clean = False
     try:
-        summary = _train(cfg, accelerator, started, peak_rss_scope)
+        summary = _run(cfg, accelerator, started, peak_rss_scope)
         clean = True
         return summary
     except BaseException as error:
-        # The traceback keeps _train's frame alive, and with it the DDP model: clear the frames' locals (the
+        # The traceback keeps _run's frame alive, and with it the DDP model: clear the frames' locals (the
         # traceback still prints) so that the model is freed before the process group, as on success.
         traceback.clear_frames(error.__traceback__)
         raise
@@ -181,13 +234,38 @@ def _teardown(accelerator, owns_group: bool, clean: bool) -> None:
         GradientState._reset_state()
 
 
-def _train(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dict:
+def _run(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dict:
     """Steps 1-8 of the module docstring on a ready ``accelerator``; its locals die on return (see _teardown)."""
-    from accelerate.utils import broadcast, broadcast_object_list
-    from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
+    run_dir, resume_from = _start_run(cfg, accelerator)  # 1.
+    models, teacher, teacher_cache = _load_models(cfg, accelerator)  # 2.
+    tokenizer, vocab_size = models.tokenizer, models.vocab_size  # the student's
+    teacher_tokenizer = models.teacher_tokenizer  # objective.cross_tokenizer only: the teacher has its own
+    data = _load_data(cfg, accelerator, tokenizer, teacher, teacher_cache, vocab_size, teacher_tokenizer)  # 3.
+    objective = make_objective(cfg.objective, teacher, vocab_size, tokenizer=tokenizer,  # 4.
+                               max_length=cfg.data.max_length, seed=cfg.train.seed, run_dir=str(run_dir),
+                               batch_size=cfg.train.batch_size, cache=teacher_cache, teacher_tokenizer=teacher_tokenizer,
+                               teacher_vocab_size=models.teacher_vocab_size)
+    training = _prepare_training(cfg, accelerator, models.student, data, tokenizer.pad_token_id,  # 5.
+                                 None if teacher_tokenizer is None else teacher_tokenizer.pad_token_id)
+    state = _resume(resume_from, accelerator, training, data.mixer, run_dir, cfg)  # 6.
+    summary: dict = {"data": data.counts, "total_steps": training.total_steps}
+    evaluate = partial(  # across tokenizers the held-out KL is not defined token by token: student metrics only
+        evaluate_and_report, cfg=cfg, teacher=teacher if teacher_tokenizer is None else None, tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        eval_items=data.eval_items, eval_examples=data.eval_examples, run_dir=run_dir, accelerator=accelerator,
+    )
+    if cfg.eval.enabled and state.step == 0 and data.eval_items:
+        summary["before"] = evaluate(training.student_lm, tag="before")
+    _step_loop(cfg, accelerator, run_dir, objective, training, state, data, evaluate, fault_injection())  # 7.
+    return _finish(cfg, accelerator, run_dir, training.student_lm, tokenizer, data, evaluate, summary, started,  # 8.
+                   peak_rss_scope)
 
-    # 1. Run directory and resolved config.
+
+def _start_run(cfg: Config, accelerator) -> tuple[Path, Optional[Path]]:
+    """1. Run directory (refused or moved aside), logging, resolved config, trackers, seed; the checkpoint to
+    resume from."""
+    from accelerate.utils import broadcast_object_list, set_seed
+
     run_dir = Path(cfg.train.output_dir)
     # Process 0 alone looks at the directory (refuse, or move the old run aside); every process then raises the same
     # error, before anything is written or any model is loaded.
@@ -202,7 +280,9 @@ def _train(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dic
     broadcast_object_list(refusal, from_process=0)
     if refusal[0] is not None:
         raise RunDirError(refusal[0])
-    _setup_logging(run_dir, accelerator.is_main_process)
+    # kdlm's log lines on stderr and, on the main process, in train.log; other processes only warn.
+    setup_logging(run_dir / "train.log" if accelerator.is_main_process else None,
+                  level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     if accelerator.is_main_process and backup is not None:
         log.warning("train.overwrite: the earlier run in %s was moved to %s", run_dir, backup)
     resume_from = None
@@ -224,30 +304,36 @@ def _train(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dic
         save_resolved(cfg, run_dir / "config.yaml")
     if cfg.train.trackers:
         # Trackers such as tensorboard take flat scalar hyper-parameters: "train.lr" -> 3e-4.
-        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(to_dict(cfg)).items()}
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}
         accelerator.init_trackers(run_dir.name or "kdlm", config=flat)
     set_seed(cfg.train.seed)
+    return run_dir, resume_from
 
-    # 2. Models. The tokenizer check happens inside (a mismatch is an error, padded rows are sliced later).
-    # With a teacher cache (cache.dir) the teacher never runs: the loss reads its signal from disk.
+
+def _load_models(cfg: Config, accelerator):
+    """2. Teacher, student and tokenizer (the tokenizer check happens inside: a mismatch is an error, padded rows
+    are sliced later). With a teacher cache (cache.dir) the teacher never runs: the loss reads its signal from disk."""
     models = load_models(cfg, teacher_needed=cfg.cache.dir is None)
-    tokenizer, vocab_size = models.tokenizer, models.vocab_size  # the student's
-    cross_tokenizer = models.teacher_tokenizer is not None  # objective.cross_tokenizer: the teacher has its own
-    teacher_tokenizer = models.teacher_tokenizer if cross_tokenizer else tokenizer
     teacher = models.teacher.to(accelerator.device) if models.teacher is not None else None
     teacher_cache = None
     if cfg.cache.dir is not None:
         from kdlm.cache import open_for_run
 
-        teacher_cache = open_for_run(cfg, tokenizer, vocab_size)  # refuses a cache built for another run
+        teacher_cache = open_for_run(cfg, models.tokenizer, models.vocab_size)  # refuses a cache built for another run
         log.info("teacher: cached signal in %s (%s), the teacher is not run", cfg.cache.dir, teacher_cache.signal)
+    return models, teacher, teacher_cache
 
-    # 3. Data: read, let the teacher write responses where the data has none (cached), tokenise with masking.
+
+def _load_data(cfg: Config, accelerator, tokenizer, teacher, teacher_cache, vocab_size: int,
+               teacher_tokenizer=None) -> _Data:
+    """3. Read, let the teacher write responses where the data has none (cached), tokenise with masking; the
+    domain mixer when data.mixing asks for one. With ``teacher_tokenizer`` (objective.cross_tokenizer) every example
+    is tokenised by both, each with its own chat template, and the response aligned (kdlm.data.align)."""
     train_examples, eval_examples, has_responses = load_splits(cfg.data, cfg.train.seed)
     if not has_responses:
         with accelerator.main_process_first():  # one process generates and caches, the others read the cache
-            fill_teacher_responses(cfg, teacher, teacher_tokenizer, train_examples, "train")
-            fill_teacher_responses(cfg, teacher, teacher_tokenizer, eval_examples, "eval")
+            fill_teacher_responses(cfg, teacher, teacher_tokenizer or tokenizer, train_examples, "train")
+            fill_teacher_responses(cfg, teacher, teacher_tokenizer or tokenizer, eval_examples, "eval")
     tok = partial(
         tokenize_examples,
         tokenizer=tokenizer,
@@ -256,7 +342,7 @@ def _train(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dic
         system_prompt=cfg.data.system_prompt,
     )
     alignment: dict = {}
-    if cross_tokenizer:  # both tokenisations, each with its own chat template, aligned on the response text
+    if teacher_tokenizer is not None:
         tok = partial(tokenize_pairs, student_tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
                       max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length,
                       system_prompt=cfg.data.system_prompt)
@@ -286,20 +372,22 @@ def _train(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dic
         mixer = DomainMixer(cfg, train_items, validation_items, teacher=teacher, vocab_size=vocab_size,
                             pad_id=tokenizer.pad_token_id, num_processes=accelerator.num_processes,
                             process_index=accelerator.process_index)
+    counts = {"train": vars(train_counts), "eval": vars(eval_counts), **({"alignment": alignment} if alignment else {})}
+    return _Data(train_items, eval_items, eval_examples, counts, mixer)
 
-    # 4. The objective.
-    objective = make_objective(cfg.objective, teacher, vocab_size, tokenizer=tokenizer, max_length=cfg.data.max_length,
-                               seed=cfg.train.seed, run_dir=str(run_dir), batch_size=cfg.train.batch_size,
-                               cache=teacher_cache, teacher_tokenizer=models.teacher_tokenizer,
-                               teacher_vocab_size=models.teacher_vocab_size)
 
-    # 5. Optimizer, schedule, accelerate.
-    student = DecoderOnly(models.student)
-    sampler = EpochSampler(len(train_items), cfg.train.seed)
+def _prepare_training(cfg: Config, accelerator, student_lm, data: _Data, pad_id: int,
+                      teacher_pad_id: Optional[int] = None) -> _Training:
+    """5. The DecoderOnly student, data loader, AdamW and the cosine schedule, through accelerate.prepare.
+    ``teacher_pad_id``: batches carry the teacher's own sequences too (objective.cross_tokenizer)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    student = DecoderOnly(student_lm)
+    sampler = EpochSampler(len(data.train_items), cfg.train.seed)
     loader = DataLoader(
-        train_items, batch_size=cfg.train.batch_size, sampler=sampler,
-        collate_fn=partial(collate_pairs, pad_id=tokenizer.pad_token_id, teacher_pad_id=teacher_tokenizer.pad_token_id)
-        if cross_tokenizer else partial(collate, pad_id=tokenizer.pad_token_id),
+        data.train_items, batch_size=cfg.train.batch_size, sampler=sampler,
+        collate_fn=partial(collate, pad_id=pad_id) if teacher_pad_id is None
+        else partial(collate_pairs, pad_id=pad_id, teacher_pad_id=teacher_pad_id),
         # Its own generator: creating an iterator would otherwise draw from the global RNG right after a resume
         # restored it, shifting every later dropout mask (resume would not be exact for models with dropout).
         generator=torch.Generator(),
@@ -308,131 +396,131 @@ def _train(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dic
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum)
-    if mixer is not None:
-        steps_per_epoch = max(1, len(mixer.train_items) // mixer.sampler.per_step)
+    if data.mixer is not None:
+        steps_per_epoch = max(1, len(data.mixer.train_items) // data.mixer.sampler.per_step)
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it per process).
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.train.warmup_ratio * total_steps), total_steps)
-    student_lm = accelerator.unwrap_model(student).lm
+    return _Training(student, accelerator.unwrap_model(student).lm, optimizer, scheduler, loader, sampler, total_steps)
 
-    # 6. Resume.
-    state = TrainState()
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator, student_lm, optimizer, scheduler)
-        if accelerator.is_main_process:
-            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
-        if mixer is not None:
-            if state.mixing is None:
-                raise CheckpointError(f"{resume_from}: no domain-sampler state, but data.mixing.strategy is {cfg.data.mixing.strategy}")
-            mixer.load_state_dict(state.mixing)
 
-    summary: dict = {"data": {"train": vars(train_counts), "eval": vars(eval_counts)}, "total_steps": total_steps}
-    if alignment:
-        summary["data"]["alignment"] = alignment
-    evaluate = partial(  # across tokenizers the held-out KL is not defined token by token: student metrics only
-        evaluate_and_report, cfg=cfg, teacher=None if cross_tokenizer else teacher, tokenizer=tokenizer, vocab_size=vocab_size,
-        eval_items=eval_items, eval_examples=eval_examples, run_dir=run_dir, accelerator=accelerator,
-    )
-    if cfg.eval.enabled and state.step == 0 and eval_items:
-        summary["before"] = evaluate(student_lm, tag="before")
+def _resume(resume_from: Optional[Path], accelerator, training: _Training, mixer, run_dir: Path, cfg: Config) -> TrainState:
+    """6. A fresh state, or the checkpoint's (weights, optimizer, scheduler, RNG, data position, domain sampler)."""
+    if resume_from is None:
+        return TrainState()
+    state = load_checkpoint(resume_from, accelerator, training.student_lm, training.optimizer, training.scheduler)
+    if accelerator.is_main_process:
+        _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+    if mixer is not None:
+        if state.mixing is None:
+            raise CheckpointError(f"{resume_from}: no domain-sampler state, but data.mixing.strategy is {cfg.data.mixing.strategy}")
+        mixer.load_state_dict(state.mixing)
+    return state
 
-    # 7. The step loop.
-    metrics_file = run_dir / "metrics.jsonl"
-    batches = _batches(accelerator, loader, sampler, state)
-    bar = tqdm(total=total_steps, initial=state.step, desc="distill", unit="step",
+
+def _step_loop(cfg: Config, accelerator, run_dir: Path, objective, t: _Training, state: TrainState, data: _Data,
+           evaluate, after_microbatch: Callable[[], None]) -> None:
+    """7. The step loop: draw the step's micro-batches, let the objective prepare them, accumulate, guard, step, log,
+    evaluate and save."""
+    from accelerate.utils import broadcast
+
+    batches = _batches(accelerator, t.loader, t.sampler, state)
+    bar = tqdm(total=t.total_steps, initial=state.step, desc="distill", unit="step",
                disable=not (cfg.train.progress and accelerator.is_main_process), dynamic_ncols=True)
-    window_tokens_seen, window_time = 0, time.time()
+    logger = _Logger(run_dir / "metrics.jsonl", accelerator, bar, cfg.train.log_every, t.total_steps)
     nonfinite_in_a_row = 0
-    # Fault injection for the kill-and-resume test only: SIGKILL this process after N micro-batches.
-    kill_after = int(os.environ.get("KDLM_FAULT_KILL_AFTER_MICROBATCHES", "0"))
-    microbatches_done = 0
-    student.train()
-    while state.step < total_steps:
+    t.student.train()
+    while state.step < t.total_steps:
         mixing_stats: dict[str, float] = {}
-        if mixer is not None:  # DDK & co.: this step's examples by domain weights (re-weighted every interval)
-            window, mixing_stats = mixer.window(state.step, student_lm, accelerator.device, partial(broadcast, from_process=0))
+        if data.mixer is not None:  # DDK & co.: this step's examples by domain weights (re-weighted every interval)
+            window, mixing_stats = data.mixer.window(state.step, t.student_lm, accelerator.device,
+                                                     partial(broadcast, from_process=0))
         else:
             window = [next(batches) for _ in range(cfg.train.grad_accum)]
-        policy_stats: dict[str, float] = {}
-        if hasattr(objective, "prepare_window"):  # on-policy methods: responses sampled now (GKD, DPKD sequence)
-            window, policy_stats = objective.prepare_window(window, step=state.step, student_lm=student_lm,
-                                                            process_index=accelerator.process_index)
+        # On-policy methods sample responses now (GKD, DPKD sequence); the others return the window as drawn.
+        window, policy_stats = objective.prepare_window(window, step=state.step, student_lm=t.student_lm,
+                                                        process_index=accelerator.process_index)
         # The denominator of the loss: response tokens (or the objective's units, e.g. DPKD's pairs) of the whole
         # optimizer step, over every process.
-        units = getattr(objective, "units", lambda b: int(response_positions(b)[0].sum()))
-        local_tokens = sum(units(b) for b in window)
-        global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
-        step_sums: dict[str, float] = {}
-        loss_sum = 0.0
-        for index, batch in enumerate(window):
-            last = index == len(window) - 1
-            with (nullcontext() if last else accelerator.no_sync(student)), accelerator.autocast():
-                out = objective(student, batch)
-                # DDP averages gradients over processes, hence the factor num_processes.
-                loss = out.loss_sum * accelerator.num_processes / max(global_tokens, 1)
-            accelerator.backward(loss)
-            microbatches_done += 1
-            if kill_after and microbatches_done == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            loss_sum += float(out.loss_sum.detach())
-            for key, value in out.metrics.items():
-                step_sums[key] = step_sums.get(key, 0.0) + value
-        # Non-finite guard: the global gradient norm (all processes, after DDP's all-reduce) and the global loss
-        # decide, so every process skips the same steps. A skipped step consumes its data but changes no weight.
-        grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm or math.inf))
-        totals = accelerator.reduce(torch.tensor([loss_sum, *step_sums.values()], device=accelerator.device), "sum")
-        finite = math.isfinite(grad_norm) and math.isfinite(float(totals[0]))
-        if finite:
-            optimizer.step()
-            scheduler.step()
-            nonfinite_in_a_row = 0
-        else:
-            nonfinite_in_a_row += 1
+        units = int(accelerator.reduce(torch.tensor(sum(objective.units(b) for b in window), device=accelerator.device), "sum"))
+        totals, names = _accumulate(accelerator, objective, t.student, window, units, after_microbatch)
+        finite, grad_norm = _optimizer_step(cfg, accelerator, t, totals)
+        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+        if not finite:
             log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): step skipped, no weight changed "
                         "(%d in a row)", state.step + 1, float(totals[0]), grad_norm, nonfinite_in_a_row)
-        optimizer.zero_grad(set_to_none=True)
+        t.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-
-        window_tokens_seen += sum(int(b["attention_mask"].sum()) for b in window) * accelerator.num_processes
-        record = {"step": state.step, "epoch": state.epoch, "loss": float(totals[0]) / max(global_tokens, 1)}
-        record.update({k: float(v) / max(global_tokens, 1) for k, v in zip(step_sums, totals[1:].tolist())})
-        record.update({"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "response_tokens": global_tokens})
+        record = {"step": state.step, "epoch": state.epoch, "loss": float(totals[0]) / max(units, 1)}
+        record.update({k: float(v) / max(units, 1) for k, v in zip(names, totals[1:].tolist())})
+        record.update({"lr": t.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "response_tokens": units})
         if not finite:
             record["skipped_nonfinite"] = 1
         record.update(mixing_stats)
         record.update(policy_stats)
-        bar.update(1)
-        if state.step % cfg.train.log_every == 0 or state.step == total_steps or not finite:
-            elapsed = time.time() - window_time
-            record["tokens_per_s"] = window_tokens_seen / max(elapsed, 1e-9)
-            window_tokens_seen, window_time = 0, time.time()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if accelerator.is_main_process:
-                with metrics_file.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            accelerator.log(record, step=state.step)
+        logger.write(record, window, force=not finite)
         if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-            last_good = latest_checkpoint(run_dir)
-            raise TrainingError(
-                f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last: step "
-                f"{state.step}); stopped. Weights are those of the last finite step; the newest complete checkpoint is "
-                f"{last_good or 'none (set train.save_every)'}. Lower train.lr, set train.max_grad_norm, use "
-                "train.mixed_precision bf16 instead of fp16, or check the data."
-            )
-        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < total_steps and eval_items:
-            evaluate(student_lm, tag=f"step{state.step}", samples=False)
+            _stop_nonfinite(run_dir, state.step, nonfinite_in_a_row)
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < t.total_steps and data.eval_items:
+            evaluate(t.student_lm, tag=f"step{state.step}", samples=False)
         if cfg.train.save_every and state.step % cfg.train.save_every == 0:
-            state.mixing = mixer.state_dict() if mixer is not None else None
-            save_checkpoint(run_dir, state, accelerator, student_lm, optimizer, scheduler, cfg.train.save_total_limit)
+            state.mixing = data.mixer.state_dict() if data.mixer is not None else None
+            save_checkpoint(run_dir, state, accelerator, t.student_lm, t.optimizer, t.scheduler, cfg.train.save_total_limit)
     bar.close()
 
-    # 8. Final student and evaluation.
+
+def _accumulate(accelerator, objective, student, window: list[dict], units: int,
+                after_microbatch: Callable[[], None]) -> tuple[torch.Tensor, list[str]]:
+    """Forward and backward over the step's micro-batches (gradients synchronised on the last one only); returns
+    the loss and metric sums, summed over every process, and the metric names."""
+    step_sums: dict[str, float] = {}
+    loss_sum = 0.0
+    for index, batch in enumerate(window):
+        last = index == len(window) - 1
+        with (nullcontext() if last else accelerator.no_sync(student)), accelerator.autocast():
+            out = objective(student, batch)
+            # DDP averages gradients over processes, hence the factor num_processes.
+            loss = out.loss_sum * accelerator.num_processes / max(units, 1)
+        accelerator.backward(loss)
+        after_microbatch()
+        loss_sum += float(out.loss_sum.detach())
+        for key, value in out.metrics.items():
+            step_sums[key] = step_sums.get(key, 0.0) + value
+    totals = accelerator.reduce(torch.tensor([loss_sum, *step_sums.values()], device=accelerator.device), "sum")
+    return totals, list(step_sums)
+
+
+def _optimizer_step(cfg: Config, accelerator, t: _Training, totals: torch.Tensor) -> tuple[bool, float]:
+    """Clip and step, unless the step is non-finite. The global gradient norm (all processes, after DDP's
+    all-reduce) and the global loss decide, so every process skips the same steps. A skipped step consumes its data
+    but changes no weight."""
+    grad_norm = float(accelerator.clip_grad_norm_(t.student.parameters(), cfg.train.max_grad_norm or math.inf))
+    finite = math.isfinite(grad_norm) and math.isfinite(float(totals[0]))
+    if finite:
+        t.optimizer.step()
+        t.scheduler.step()
+    return finite, grad_norm
+
+
+def _stop_nonfinite(run_dir: Path, step: int, in_a_row: int) -> None:
+    last_good = latest_checkpoint(run_dir)
+    raise TrainingError(
+        f"{in_a_row} optimizer steps in a row had a non-finite loss or gradient (last: step "
+        f"{step}); stopped. Weights are those of the last finite step; the newest complete checkpoint is "
+        f"{last_good or 'none (set train.save_every)'}. Lower train.lr, set train.max_grad_norm, use "
+        "train.mixed_precision bf16 instead of fp16, or check the data."
+    )
+
+
+def _finish(cfg: Config, accelerator, run_dir: Path, student_lm, tokenizer, data: _Data, evaluate, summary: dict,
+            started: float, peak_rss_scope: str) -> dict:
+    """8. Final student (LoRA: the adapter and the merged model), after-evaluation, mixing report, summary.json."""
     if accelerator.is_main_process:
-        save_student(student_lm, tokenizer, run_dir / "final")  # LoRA: the adapter and the merged model
-    if cfg.eval.enabled and eval_items:
+        save_student(student_lm, tokenizer, run_dir / "final")
+    if cfg.eval.enabled and data.eval_items:
         summary["after"] = evaluate(student_lm, tag="after")
-    if mixer is not None and accelerator.is_main_process:
-        summary["mixing"] = write_mixing_report(mixer.history, run_dir)
+    if data.mixer is not None and accelerator.is_main_process:
+        summary["mixing"] = write_mixing_report(data.mixer.history, run_dir)
     summary["wall_s"] = time.time() - started
     summary["peak_rss_gb"], summary["peak_rss_scope"] = peak_rss_gb(), peak_rss_scope
     if accelerator.is_main_process:

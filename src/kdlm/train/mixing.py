@@ -113,7 +113,7 @@ class DomainMixer:
     def _teacher_perplexities(self) -> torch.Tensor:
         """Measured once per (teacher weights, validation set) and cached, since the teacher never changes during a
         run; keyed by the weights' fingerprint, not the path, so a teacher retrained in place is measured again."""
-        from kdlm.cache import teacher_fingerprint
+        from kdlm.models import teacher_fingerprint
 
         identity = {
             "teacher": [teacher_fingerprint(self.cfg), self.cfg.teacher.dtype],

@@ -19,7 +19,6 @@ right, instead of the row silently dropping out of the loss.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from kdlm.data.format import IGNORE
+from kdlm.sampler import first_stops, left_pad, sample_tokens
 
 __all__ = ["RolloutStats", "sample_responses"]
 
@@ -45,47 +45,6 @@ class RolloutStats:
 
     def as_metrics(self, prefix: str = "rollout/") -> dict[str, float]:
         return {prefix + key: float(value) for key, value in asdict(self).items()}
-
-
-def _accelerator_devices(model: nn.Module) -> dict[str, list[int]]:
-    """Accelerator devices (type -> indices) holding the model's parameters; sampling draws from their RNGs.
-
-    A model sharded over several GPUs samples on the device of its last layer, so every device is forked.
-    """
-    found: dict[str, set[int]] = {}
-    for param in model.parameters():
-        device = param.device
-        if device.type in ("cpu", "meta"):
-            continue
-        index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
-        found.setdefault(device.type, set()).add(index)
-    return {kind: sorted(indices) for kind, indices in found.items()}
-
-
-def _seed_forked(seed: int, devices: dict[str, list[int]]) -> None:
-    # Seed only the generators that were forked. torch.manual_seed would also seed every other CUDA device, or
-    # queue a seed for CUDA's lazy initialisation when the model is on the CPU: both outlive the fork.
-    torch.random.default_generator.manual_seed(seed)
-    for kind, indices in devices.items():
-        module = torch.get_device_module(kind)
-        if hasattr(module, "default_generators"):  # cuda, xpu: one generator per device
-            for index in indices:
-                module.default_generators[index].manual_seed(seed)
-        else:  # single-device backends (mps)
-            module.manual_seed(seed)
-
-
-def _left_pad_prompts(input_ids: Tensor, prompt_lengths: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Each row's first ``prompt_lengths[b]`` ids, left-padded to the longest prompt, and their attention mask.
-
-    Left padding makes every prompt end at the same column, so generation continues all rows at once.
-    """
-    width = int(prompt_lengths.max())
-    columns = torch.arange(width, device=input_ids.device).unsqueeze(0)
-    source = columns - (width - prompt_lengths).unsqueeze(1)  # column in the right-padded row; < 0 on padding
-    real = source >= 0
-    ids = torch.where(real, input_ids.gather(1, source.clamp(min=0)), torch.full_like(source, pad_token_id))
-    return ids, real.long()
 
 
 def _validate(
@@ -143,7 +102,7 @@ def sample_responses(
 
     ``batch`` is a training batch in :func:`kdlm.data.format.collate`'s layout; only ``input_ids`` and
     ``prompt_lengths`` are read (its responses are ignored). ``model`` is a Hugging Face causal LM (the bare
-    one, not a data-parallel or :class:`~kdlm.train.objectives.DecoderOnly` wrapper): it is called only as
+    one, not a data-parallel or :class:`~kdlm.models.DecoderOnly` wrapper): it is called only as
     ``model.generate(input_ids=..., attention_mask=..., ...)`` with left-padded prompts and the KV cache, under
     ``torch.no_grad()`` and in eval mode; its previous train/eval mode is restored afterwards, also on errors.
 
@@ -163,57 +122,18 @@ def sample_responses(
     )
     home = input_ids.device
     rows = input_ids.shape[0]
-    prompts, prompt_mask = _left_pad_prompts(input_ids, prompt_lengths, pad_token_id)
-    prompt_width = prompts.shape[1]
+    prompts, prompt_mask = left_pad(input_ids, prompt_lengths, pad_token_id)
     if max_length is not None:
         # Tokens past the cap of even the shortest prompt's row would be cut anyway: don't sample them.
         max_new_tokens = min(max_new_tokens, max_length - int(prompt_lengths.min()))
-
-    first_param = next(model.parameters(), None)
-    model_device = first_param.device if first_param is not None else home  # the input embeddings' device
-    if temperature > 0:
-        sampling = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
-    else:
-        sampling = dict(do_sample=False)  # sampling knobs with greedy only draw warnings from transformers
-    accelerators = _accelerator_devices(model)
-    was_training = model.training
-    model.eval()  # no dropout while sampling: the samples come from the model itself, not a perturbed copy
-    try:
-        with contextlib.ExitStack() as stack:
-            # fork_rng forks the CPU RNG always, plus the listed devices of one accelerator type.
-            stack.enter_context(torch.random.fork_rng(devices=[]))
-            for kind, indices in accelerators.items():
-                stack.enter_context(torch.random.fork_rng(devices=indices, device_type=kind))
-            _seed_forked(seed, accelerators)
-            # no_grad, not inference_mode: inference tensors could not be saved for the backward pass of the
-            # training step that consumes these ids (the embedding lookup saves its indices).
-            with torch.no_grad():
-                output = model.generate(
-                    input_ids=prompts.to(model_device),
-                    attention_mask=prompt_mask.to(model_device),
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=list(stop_token_ids),
-                    pad_token_id=pad_token_id,
-                    use_cache=True,
-                    # A checkpoint's generation_config may set a repetition penalty; it would bias the samples
-                    # away from the student's own distribution.
-                    repetition_penalty=1.0,
-                    **sampling,
-                )
-    finally:
-        model.train(was_training)
-
-    output = output.to(home)
-    if output.dim() != 2 or output.shape[0] != rows or output.shape[1] <= prompt_width:
-        raise ValueError(f"generate returned shape {tuple(output.shape)}; expected [{rows}, > {prompt_width}] "
-                         "(the left-padded prompts followed by new tokens)")
-    completion = output[:, prompt_width:].long()
+    completion = sample_tokens(
+        model, prompts, prompt_mask, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+        pad_token_id=pad_token_id, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
+    ).to(home)
     sampled = completion.shape[1]
 
     # The completion ends at the first stop token (kept); no stop token: every sampled token is kept.
-    stops = torch.isin(completion, torch.tensor(list(stop_token_ids), dtype=torch.long, device=home))
-    has_stop = stops.any(dim=1)
-    first_stop = stops.long().argmax(dim=1)  # argmax returns the first maximal index
+    has_stop, first_stop = first_stops(completion, stop_token_ids)
     keep = torch.where(has_stop, first_stop + 1, torch.full_like(first_stop, sampled))
     if max_length is not None:
         keep = torch.minimum(keep, max_length - prompt_lengths)

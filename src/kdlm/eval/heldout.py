@@ -13,7 +13,7 @@ from kdlm.data.format import Tokenized
 from kdlm.data.sources import Example
 from kdlm.eval.teacher_forced import teacher_forced_metrics
 from kdlm.generation import generate
-from kdlm.report import format_change
+from kdlm.formatting import format_change
 
 log = logging.getLogger("kdlm")
 

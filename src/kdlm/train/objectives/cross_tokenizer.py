@@ -14,13 +14,15 @@ import torch
 from torch import nn
 
 from kdlm.config import ObjectiveConfig
+from kdlm.data.format import response_positions
 from kdlm.losses.cross_tokenizer import VocabMap, cross_tokenizer_terms
-from kdlm.train.objectives import DecoderOnly, OutputHead, StepOutput, _unwrap, response_positions
+from kdlm.models import DecoderOnly, OutputHead, unwrap
+from kdlm.train.objectives.base import BuildContext, ObjectiveBase, StepOutput
 
 log = logging.getLogger(__name__)
 
 
-class CrossTokenizerKD:
+class CrossTokenizerKD(ObjectiveBase):
     """(1 − kd_ratio)·CE + kd_ratio·(ULD or the align method) per student response token."""
 
     def __init__(self, cfg: ObjectiveConfig, teacher: nn.Module, vocab_size: int, teacher_vocab_size: int,
@@ -47,12 +49,12 @@ class CrossTokenizerKD:
         teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
         t_rows = batch["xtok_teacher_segment"][:, 1:] >= 0
         return cross_tokenizer_terms(
-            student_hidden, OutputHead.of(_unwrap(student).lm, self.vocab_size),
+            student_hidden, OutputHead.of(unwrap(student).lm, self.vocab_size),
             teacher_hidden, OutputHead.of(self.teacher, self.teacher_vocab_size),
             batch["xtok_pair"][:, 1:][mask], targets,
-            method=cfg.cross_tokenizer, vocab_map=self._map(student_hidden.device), divergence=cfg.divergence,
-            params=cfg.divergence_params(), temperature=cfg.temperature, kd_ratio=cfg.kd_ratio,
-            uld_weight=1.0 if cfg.uld_weight is None else cfg.uld_weight,
+            method=cfg.cross_tokenizer, vocab_map=self._map(student_hidden.device), divergence=cfg.setting("divergence"),
+            params=cfg.divergence_params(), temperature=cfg.temperature, kd_ratio=cfg.setting("kd_ratio"),
+            uld_weight=cfg.setting("uld_weight"),
             student_segments=batch["xtok_student_segment"][:, 1:][mask],
             teacher_segments=batch["xtok_teacher_segment"][:, 1:].reshape(-1),
             teacher_targets=torch.where(t_rows, batch["teacher_input_ids"][:, 1:], 0).reshape(-1),
@@ -81,3 +83,13 @@ def make_cross_tokenizer_objective(cfg: ObjectiveConfig, teacher: nn.Module, voc
         log.info("cross-tokenizer align: %d tokens spell the same in both vocabularies (student %d, teacher %d)%s",
                  len(pairs), vocab_size, teacher_vocab_size, " (identical: token-level KD)" if vocab_map.identity else "")
     return CrossTokenizerKD(cfg, teacher, vocab_size, teacher_vocab_size, vocab_map)
+
+
+def build_kd(cfg: ObjectiveConfig, context: BuildContext):
+    """Objective kd's builder: ordinary KD, or, with ``objective.cross_tokenizer``, :class:`CrossTokenizerKD`."""
+    if cfg.cross_tokenizer is None:
+        from kdlm.train.objectives.kd import KD
+
+        return KD(cfg, context)
+    return make_cross_tokenizer_objective(cfg, context.teacher, context.vocab_size, context.tokenizer,
+                                          context.teacher_tokenizer, context.teacher_vocab_size)
