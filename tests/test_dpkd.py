@@ -419,3 +419,16 @@ def test_sequence_logps_feed_the_sequence_loss():
     mean = total / count
     diff = mean - mean.flip(0)
     torch.testing.assert_close(loss, -torch.nn.functional.logsigmoid(diff).mean())
+
+
+def test_lm_data_without_a_two_token_text_is_a_data_error(tmp_path):
+    """Every text of one character is one token with the character tokenizer: nothing for the LM term to predict."""
+    from conftest import make_tokenizer
+
+    from kdlm.errors import DataError
+    from kdlm.train.objectives.dpkd import PlainTextBatches
+
+    path = tmp_path / "lm.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"lm\.jsonl: no text of at least two tokens"):
+        PlainTextBatches(str(path), make_tokenizer(), max_length=16, batch_size=2, seed=0)

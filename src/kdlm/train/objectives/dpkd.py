@@ -22,6 +22,7 @@ from torch import nn
 from kdlm import losses
 from kdlm.config import ObjectiveConfig
 from kdlm.data.format import IGNORE, Tokenized, collate
+from kdlm.errors import DataError
 from kdlm.losses.dpkd import dpkd_sequence_loss, dpkd_sequence_stats, dpkd_token_terms
 from kdlm.models import DecoderOnly, OutputHead, unwrap
 from kdlm.train.objectives.base import BuildContext, ObjectiveBase, StepOutput
@@ -158,7 +159,8 @@ class PlainTextBatches:
         ids = [tokenizer(text, add_special_tokens=True)["input_ids"][:max_length] for text in read_texts(path)]
         self.sequences = [x for x in ids if len(x) >= 2]
         if not self.sequences:
-            raise ValueError(f"objective.lm_data {path}: no text of at least two tokens")
+            raise DataError(f"objective.lm_data {path}: no text of at least two tokens (the LM term predicts each "
+                            "token from the ones before it); give longer texts or drop objective.lm_data")
         self.pad_id, self.batch_size, self.seed = tokenizer.pad_token_id, batch_size, seed
 
     @classmethod
