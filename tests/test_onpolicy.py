@@ -81,8 +81,21 @@ def test_bad_reward_path_names_the_key(tiny, tmp_path):
     with pytest.raises(ConfigError, match="objective.reward_fn must be 'module:function'"):
         tiny_config(tiny, tmp_path, **{"objective.name": "gkd", "objective.reward_fn": "nocolon"})
     cfg = tiny_config(tiny, tmp_path, **{"objective.name": "gkd", "objective.reward_fn": "no_such_module:f"})
-    with pytest.raises(ValueError, match="objective.reward_fn: cannot import 'no_such_module:f'"):
+    with pytest.raises(ConfigError, match="objective.reward_fn: cannot import 'no_such_module:f'"):
         distill(cfg)
+
+
+def test_bad_reward_function_on_the_command_line_is_one_message(tiny, tmp_path, capsys):
+    """Found only when the run builds the objective: still one line on stderr, exit 1, no traceback."""
+    from kdlm.cli import main
+    from kdlm.config import save_resolved
+
+    cfg = tiny_config(tiny, tmp_path, **{"objective.name": "gkd", "objective.reward_fn": "no_such_module:f"})
+    save_resolved(cfg, tmp_path / "run.yaml")
+    assert main(["distill", "--config", str(tmp_path / "run.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "kdlm distill: error: objective.reward_fn: cannot import 'no_such_module:f'" in err
+    assert "Traceback" not in err
 
 
 def test_method_keys_belong_to_their_method(tiny, tmp_path):

@@ -147,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from kdlm.eval.run import evaluate_command
 
             evaluate_command(cfg, model_path=extras.get("model"), out=extras.get("out"))
-    except KdlmError as err:
+    except (KdlmError, ConfigError) as err:  # ConfigError: a setting found wrong only when the run builds it
         print(f"kdlm {command}: error: {err}", file=sys.stderr)
         return 1
     return 0

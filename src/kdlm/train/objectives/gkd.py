@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kdlm.config import ObjectiveConfig
+from kdlm.config import ConfigError, ObjectiveConfig
 from kdlm.data.format import IGNORE
 from kdlm.train.objectives.base import BuildContext, StepOutput
 from kdlm.train.objectives.kd import KD
@@ -37,9 +37,9 @@ def load_reward_fn(path: str) -> Callable[[list[str], list[str]], list[float]]:
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"objective.reward_fn: cannot import {path!r} ({error}); give 'module:function' on sys.path") from error
+        raise ConfigError(f"objective.reward_fn: cannot import {path!r} ({error}); give 'module:function' on sys.path") from error
     if not callable(fn):
-        raise ValueError(f"objective.reward_fn: {path!r} is not callable")
+        raise ConfigError(f"objective.reward_fn: {path!r} is not callable; name a function 'module:function'")
     return fn
 
 
