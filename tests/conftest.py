@@ -170,3 +170,16 @@ def _kdlm_logs_reach_caplog(caplog):
     logger.addHandler(caplog.handler)
     yield
     logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture(scope="session")
+def vllm_demo_teacher(tmp_path_factory):
+    """A vLLM server (``make vllm``'s environment) serving the demo teacher on 127.0.0.1, shared by the session's
+    slow tests and stopped at its end, also when a test fails. Model name: ``teacher``."""
+    from kdlm.config import DEMO_TEACHER
+    from kdlm.models import servable_folder
+    from kdlm.vllm_server import VLLMServer
+
+    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
+    with VLLMServer(servable_folder(DEMO_TEACHER), served_name="teacher", log_path=log_path) as server:
+        yield server

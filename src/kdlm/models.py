@@ -160,6 +160,17 @@ def teacher_fingerprint(cfg: Config) -> str:
     return weights_fingerprint(teacher_weight_files(cfg))
 
 
+def servable_folder(name_or_path: str, gguf_file: Optional[str] = None, cache_dir: Optional[str] = None) -> Path:
+    """A local folder of plain weights that another engine (vLLM) can load: a GGUF source (the demo teacher
+    included) is de-quantised once into kdlm's cache; a local folder is returned as it is."""
+    folder, gguf_file = resolve_source(name_or_path, gguf_file)
+    if gguf_file is not None:
+        return _materialise_gguf(folder, gguf_file, cache_dir)
+    if not Path(folder).is_dir():
+        raise ModelError(f"'{name_or_path}' is not a local folder: an engine outside kdlm needs the weights on disk")
+    return Path(folder)
+
+
 def load_model(
     name_or_path: str,
     *,
