@@ -166,3 +166,12 @@ def test_combine_verdicts_and_markdown():
     table = claims_markdown([check_claim(claim, scores, ["d"] * 4, n_boot=50)], {"x": "X row"})
     assert table.splitlines()[2] == "| Paper | x beats y | m | X row vs y: 2.00 [2.00, 2.00] (holds) | **holds** |"
     assert Interval(1.0, 0.5, 1.5).format(1) == "1.0 [0.5, 1.5]"
+
+
+def test_rows_given_by_seed_are_paired_on_shared_seeds():
+    claim = Claim("Paper", "x beats y", (("x", "y"),), "m")
+    # x has seeds 0, 1, 2; y only 1 and 2: the comparison uses seeds 1 and 2 (x's seed 0 is far worse and ignored).
+    scores = {"m": {"x": {0: [-100.0, -100.0], 1: [3.0, 3.0], 2: [4.0, 4.0]}, "y": {1: [1.0, 1.0], 2: [2.0, 2.0]}}}
+    result = check_claim(claim, scores, ["d", "d"], n_boot=100)
+    assert result.comparisons[0].improvement.estimate == 2.0 and result.verdict == HOLDS
+    assert check_claim(claim, {"m": {"x": {0: [1.0]}, "y": {1: [0.0]}}}, ["d"], n_boot=10).verdict == NOT_RUN

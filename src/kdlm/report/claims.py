@@ -14,7 +14,7 @@ ROUGE-L, B − A for a lower-is-better one such as KL; :func:`kdlm.report.stats.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -88,10 +88,25 @@ def combine_verdicts(verdicts: Sequence[str]) -> str:
     return UNRESOLVED
 
 
-def check_claim(claim: Claim, scores: Mapping[str, Mapping[str, np.ndarray]], domains: Sequence[str], *,
+Scores = Union[np.ndarray, Mapping[int, Sequence[float]]]
+
+
+def _paired(a: Scores, b: Scores) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """Two rows' matrices over the same seeds: given as ``{seed: per-example scores}``, the seeds both have (sorted;
+    ``(None, None)`` when they share none); given as matrices, as they are (row i of each is seed i)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        common = sorted(set(a) & set(b))
+        if not common:
+            return None, None
+        return np.array([a[s] for s in common], dtype=float), np.array([b[s] for s in common], dtype=float)
+    return np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+
+
+def check_claim(claim: Claim, scores: Mapping[str, Mapping[str, Scores]], domains: Sequence[str], *,
                 n_boot: int = 2000, seed: int = 0) -> ClaimResult:
-    """Check ``claim`` on ``scores[metric][row]`` (matrices ``values[seed, example]``, columns labelled by
-    ``domains``): one paired bootstrap interval of the improvement per comparison, and the verdicts."""
+    """Check ``claim`` on ``scores[metric][row]`` (a matrix ``values[seed, example]``, or ``{training seed:
+    per-example scores}`` so that rows run with different seeds are paired on the seeds they share; columns labelled
+    by ``domains``): one paired bootstrap interval of the improvement per comparison, and the verdicts."""
     by_row = scores.get(claim.metric, {})
     statistic = (worst_domain_mean(domains, higher_is_better=claim.higher_is_better) if claim.worst_domain
                  else mean_score)
@@ -100,13 +115,17 @@ def check_claim(claim: Claim, scores: Mapping[str, Mapping[str, np.ndarray]], do
         if better not in by_row or worse not in by_row:
             results.append(ComparisonResult(better, worse, None, NOT_RUN))
             continue
-        first, second = (by_row[better], by_row[worse]) if claim.higher_is_better else (by_row[worse], by_row[better])
+        a, b = _paired(by_row[better], by_row[worse])
+        if a is None:
+            results.append(ComparisonResult(better, worse, None, NOT_RUN))
+            continue
+        first, second = (a, b) if claim.higher_is_better else (b, a)
         interval = paired_difference(first, second, domains, statistic=statistic, n_boot=n_boot, seed=seed)
         results.append(ComparisonResult(better, worse, interval, comparison_verdict(interval)))
     return ClaimResult(claim, tuple(results), combine_verdicts([r.verdict for r in results]))
 
 
-def check_claims(scores: Mapping[str, Mapping[str, np.ndarray]], domains: Sequence[str], *,
+def check_claims(scores: Mapping[str, Mapping[str, Scores]], domains: Sequence[str], *,
                  claims: Sequence[Claim] = CLAIMS, n_boot: int = 2000, seed: int = 0) -> list[ClaimResult]:
     """:func:`check_claim` for every claim (default: the issue-20 claims of the five seed papers)."""
     return [check_claim(claim, scores, domains, n_boot=n_boot, seed=seed) for claim in claims]
