@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # methods.py beside th
 
 import methods  # noqa: E402
 from methods import (  # noqa: E402
-    DATA, DOMAIN_SHORT, ROOT, Evaluator, as_command, common_overrides, ensure_teacher, file_id, fingerprint,
+    DOMAIN_SHORT, ROOT, Evaluator, add_budget_flags, as_command, common_overrides, ensure_teacher, file_id, fingerprint,
     recipe_flags, step_seconds, train_cached, write_subset,
 )
 
@@ -118,23 +118,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--student-layers", type=int, help="layers kept from the fine-tuned teacher for the student")
     parser.add_argument("--sft-steps", type=int, help="steps of the SFT warm start (batch --batch-size)")
     parser.add_argument("--sft-lr", type=float)
-    parser.add_argument("--steps", type=int, help="optimizer steps per method after the SFT start")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float, help="peak learning rate of every method's continuation")
-    parser.add_argument("--teacher-steps", type=int)
-    parser.add_argument("--teacher-batch-size", type=int)
-    parser.add_argument("--teacher-lr", type=float)
-    parser.add_argument("--per-domain", type=int, help="test examples per domain (the fixed sample)")
-    parser.add_argument("--max-prompt-length", type=int)
-    parser.add_argument("--max-length", type=int)
-    parser.add_argument("--gen-tokens", type=int, help="longest generation in the evaluation")
-    parser.add_argument("--gkd-new-tokens", type=int, help="sampling.max_new_tokens of GKD and DPKD's sequence form")
-    parser.add_argument("--ddk-val-per-domain", type=int)
-    parser.add_argument("--eval-batch-size", type=int)
+    add_budget_flags(parser)
     parser.add_argument("--sample-seeds", help="seeds of the MiniLLM sampling protocol (one sample each)")
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
-    parser.add_argument("--data", default=str(DATA), help="a t0mix-shaped folder (train/validation/test.jsonl)")
-    parser.add_argument("--base-teacher", default=DEMO_TEACHER, help="the teacher to fine-tune (default the demo's)")
     parser.add_argument("--work", help="run directories (default runs/bench-compare-<scale>)")
     parser.add_argument("--out", help="output prefix (default benchmarks/results/compare_<scale>)")
     args = parser.parse_args(argv)

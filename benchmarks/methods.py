@@ -444,28 +444,33 @@ def write_outputs(args, result: dict, out: Path) -> None:
     (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                        help="cpu: the small budget of the committed table; gpu: bigger budget, longer sequences, "
-                             "bf16 autocast on cuda, sampled evaluation (MiniLLM protocol, 3 seeds)")
+def add_budget_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the shared budget and data (defaults per ``--scale``; given flags win), also compare.py's."""
     parser.add_argument("--steps", type=int, help="optimizer steps per method")
     parser.add_argument("--batch-size", type=int, help="examples per step per method")
     parser.add_argument("--lr", type=float, help="peak learning rate of the students")
     parser.add_argument("--teacher-steps", type=int, help="SFT steps of the teacher fine-tuning")
     parser.add_argument("--teacher-batch-size", type=int)
     parser.add_argument("--teacher-lr", type=float)
-    parser.add_argument("--per-domain", type=int, help="test examples per domain")
+    parser.add_argument("--per-domain", type=int, help="test examples per domain (the fixed sample)")
     parser.add_argument("--max-prompt-length", type=int)
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--gen-tokens", type=int, help="longest generation in the evaluation")
-    parser.add_argument("--gkd-new-tokens", type=int, help="GKD's sampling.max_new_tokens")
+    parser.add_argument("--gkd-new-tokens", type=int, help="sampling.max_new_tokens of GKD (and DPKD's sequence form)")
     parser.add_argument("--ddk-val-per-domain", type=int)
     parser.add_argument("--eval-batch-size", type=int)
-    parser.add_argument("--decoding", choices=["greedy", "sample"])
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=str(DATA), help="a t0mix-shaped folder (train/validation/test.jsonl)")
     parser.add_argument("--base-teacher", default=DEMO_TEACHER, help="the teacher to fine-tune (default the demo's)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+                        help="cpu: the small budget of the committed table; gpu: bigger budget, longer sequences, "
+                             "bf16 autocast on cuda, sampled evaluation (MiniLLM protocol, 3 seeds)")
+    add_budget_flags(parser)
+    parser.add_argument("--decoding", choices=["greedy", "sample"])
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="", help="comma-separated rows to run: " + ",".join((*BASE_ROWS, *METHODS)))
     parser.add_argument("--work", help="run directories (default runs/bench-methods-<scale>)")
     parser.add_argument("--out", help="output prefix (default benchmarks/results/methods_<scale>)")

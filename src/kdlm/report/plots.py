@@ -50,7 +50,13 @@ def _plot(panels: list[tuple[str, str, list[Series]]], *, ncols: int = 3, log_y:
             ax.yaxis.set_minor_formatter(NullFormatter())
         if len([s for s in series if s[1]]) > 1:
             ax.legend(fontsize=7, loc="best")
-    for index in range(len(panels), nrows * ncols):
+    return _png(fig, axes, len(panels))
+
+
+def _png(fig, axes, used: int) -> bytes:
+    """Hide the grid's unused panels (after the first ``used``) and render the figure to PNG bytes."""
+    nrows, ncols = len(axes), len(axes[0])
+    for index in range(used, nrows * ncols):
         axes[index // ncols][index % ncols].set_visible(False)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -96,9 +102,4 @@ def _bars(panels: list[tuple[str, list[str], list[float], list[float]]]) -> Opti
         ax.set_title(title, fontsize=10)
         ax.tick_params(labelsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-    for index in range(len(panels), nrows * ncols):
-        axes[index // ncols][index % ncols].set_visible(False)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return _png(fig, axes, len(panels))
