@@ -30,7 +30,8 @@ each method the same further budget — scaled to this machine):
 
 Outputs: ``<out>.json`` (settings, per-row statistics, claims), ``<out>.md`` (the tables), ``<out>_cells/``,
 ``<out>_report/`` (``kdlm report`` of the cells' run directories, seeds grouped with intervals). Scales: ``cpu``
-(the committed table; about 3 hours on the 2-core reference CPU for every row × 3 seeds), ``gpu`` (same protocol,
+(the committed table; estimated at about 3 quiet hours of the 2-core reference CPU for every row × 3 seeds, not
+measured yet: the first pieces' stored cell times tell), ``gpu`` (same protocol,
 larger budget, bf16 autocast, 5 sampling seeds; one prepared call on a lent GPU), ``smoke`` (tiny budget, rows
 ``sft,fkl``, seeds ``0,1``: checks the whole pipeline in minutes; the slow test runs it on tiny models)::
 

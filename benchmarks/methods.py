@@ -1,5 +1,10 @@
 """Method comparison on ../shared/data/t0mix: every kdlm method from one start and one budget (issue #10).
 
+This is the issue-10 protocol (one seed, every row from the untrained pruned student). The issue-20 protocol, which
+can rank methods (an SFT-started student, ≥ 3 seeds per row, intervals, the papers' claims checked), is
+``benchmarks/compare.py``; it reuses this module's pieces (:func:`write_subset`, :func:`ensure_teacher` /
+:func:`train_cached`, :class:`Evaluator`, :func:`recipe_flags`, :func:`add_budget_flags`).
+
 Exact command of the committed CPU table (from the repository root, after `make install`; on the reference
 2-core CPU the 15 rows take about 50 minutes, plus about 10 minutes once for the teacher's fine-tuning, which is
 cached; per-phase timings are in the JSON):
