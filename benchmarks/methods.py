@@ -1,5 +1,10 @@
 """Method comparison on ../shared/data/t0mix: every kdlm method from one start and one budget (issue #10).
 
+This is the issue-10 protocol (one seed, every row from the untrained pruned student). The issue-20 protocol, which
+can rank methods (an SFT-started student, ≥ 3 seeds per row, intervals, the papers' claims checked), is
+``benchmarks/compare.py``; it reuses this module's pieces (:func:`write_subset`, :func:`ensure_teacher` /
+:func:`train_cached`, :class:`Evaluator`, :func:`recipe_flags`, :func:`add_budget_flags`).
+
 Exact command of the committed CPU table (from the repository root, after `make install`; on the reference
 2-core CPU the 15 rows take about 50 minutes, plus about 10 minutes once for the teacher's fine-tuning, which is
 cached; per-phase timings are in the JSON):
@@ -47,6 +52,8 @@ kdlm run each: ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``final/``,
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -57,6 +64,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 from torch import nn
@@ -65,6 +73,7 @@ from kdlm.cli import parse_config
 from kdlm.config import DEMO_TEACHER
 from kdlm.data import read_examples, render_prompt, tokenize_examples
 from kdlm.data.format import encode_prompt
+from kdlm.eval.metrics import exact_match_multi, rouge_l_multi
 from kdlm.eval.run import generation_metrics
 from kdlm.eval.teacher_forced import teacher_forced_metrics
 from kdlm.models import cache_root, load_model, load_models, load_tokenizer, resolve_source, save_student
@@ -133,7 +142,7 @@ def file_id(path: Path) -> str:
 def common_overrides(args, output_dir: Path, eval_file: Path) -> list[str]:
     """The data/train/eval keys every run shares (teacher and methods)."""
     flags = [
-        "--data.train", str(DATA / "train.jsonl"), "--data.eval", str(eval_file), "--data.responses", "dataset",
+        "--data.train", str(Path(args.data) / "train.jsonl"), "--data.eval", str(eval_file), "--data.responses", "dataset",
         "--data.max_prompt_length", str(args.max_prompt_length), "--data.max_length", str(args.max_length),
         "--data.max_eval_examples", "null",
         "--train.seed", str(args.seed), "--train.output_dir", str(output_dir), "--train.log_every", "5",
@@ -154,7 +163,7 @@ def write_subset(args, tokenizer, path: Path) -> dict[str, int]:
     """The test subset: per domain, the first ``per_domain`` examples whose templated prompt fits."""
     kept: dict[str, int] = {}
     lines = []
-    for line in (DATA / "test.jsonl").read_text(encoding="utf-8").split("\n"):
+    for line in (Path(args.data) / "test.jsonl").read_text(encoding="utf-8").split("\n"):
         if not line.strip():
             continue
         record = json.loads(line)
@@ -195,40 +204,57 @@ def plain_demo_teacher() -> Path:
     return target
 
 
+def base_teacher(args) -> Path:
+    """The teacher to fine-tune as a plain checkpoint folder: the demo teacher's (:func:`plain_demo_teacher`), or
+    ``--base-teacher`` when it names a local folder (the smoke test's tiny model)."""
+    return plain_demo_teacher() if args.base_teacher == DEMO_TEACHER else Path(args.base_teacher)
+
+
 def ensure_teacher(args, eval_file: Path) -> tuple[Path, dict]:
     """Fine-tune the demo teacher on t0mix train (plain SFT with kdlm), once; cached by its settings."""
-    folder, gguf = resolve_source(DEMO_TEACHER, None)
+    folder, gguf = resolve_source(args.base_teacher, None)
     settings = {
-        "base": DEMO_TEACHER, "gguf": gguf, "train_data": file_id(DATA / "train.jsonl"), "steps": args.teacher_steps,
-        "batch_size": args.teacher_batch_size, "lr": args.teacher_lr, "max_prompt_length": args.max_prompt_length,
-        "max_length": args.max_length, "seed": args.seed, "mixed_precision": args.mixed_precision,
+        "base": args.base_teacher, "gguf": gguf, "train_data": file_id(Path(args.data) / "train.jsonl"),
+        "steps": args.teacher_steps, "batch_size": args.teacher_batch_size, "lr": args.teacher_lr,
+        "max_prompt_length": args.max_prompt_length, "max_length": args.max_length, "seed": args.seed,
+        "mixed_precision": args.mixed_precision,
     }
-    target = cache_root() / "bench" / f"teacher_ft-{fingerprint(settings)}"
-    info_file = target / "kdlm_bench_teacher.json"
-    if (target / "config.json").is_file() and info_file.is_file():
-        print(f"[teacher_ft] cached: {target}", flush=True)
-        return target, json.loads(info_file.read_text())
-    run_dir = Path(args.work) / "teacher_ft"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    flags = ["--student.init", "pretrained", "--student.name_or_path", str(plain_demo_teacher()),
+    flags = ["--teacher.name_or_path", args.base_teacher,
+             "--student.init", "pretrained", "--student.name_or_path", str(base_teacher(args)),
              "--train.max_steps", str(args.teacher_steps), "--train.batch_size", str(args.teacher_batch_size),
-             "--train.lr", str(args.teacher_lr)] + common_overrides(args, run_dir, eval_file)
+             "--train.lr", str(args.teacher_lr)]
+    return train_cached(args, "teacher_ft", settings, flags, args.teacher_steps, eval_file)
+
+
+def train_cached(args, kind: str, settings: dict, flags: list[str], steps: int, eval_file: Path) -> tuple[Path, dict]:
+    """One plain-SFT kdlm run (``configs/sft.yaml`` + ``flags`` + the shared data/train keys), done once: its final
+    model is cached in ``$KDLM_CACHE/bench/<kind>-<hash of settings>`` with ``kdlm_bench_<kind>.json`` (settings,
+    command, seconds, metrics) and reused by every later run with the same settings. Returns (folder, info)."""
+    target = cache_root() / "bench" / f"{kind}-{fingerprint(settings)}"
+    info_name = "kdlm_bench_teacher.json" if kind == "teacher_ft" else f"kdlm_bench_{kind}.json"
+    info_file = target / info_name
+    if (target / "config.json").is_file() and info_file.is_file():
+        print(f"[{kind}] cached: {target}", flush=True)
+        return target, json.loads(info_file.read_text())
+    run_dir = Path(args.work) / kind
+    shutil.rmtree(run_dir, ignore_errors=True)
+    flags = flags + common_overrides(args, run_dir, eval_file)
     cfg, _ = parse_config(["--config", str(ROOT / "configs" / "sft.yaml"), *flags])
-    print(f"[teacher_ft] fine-tuning the demo teacher: {args.teacher_steps} steps × {args.teacher_batch_size}", flush=True)
+    print(f"[{kind}] SFT: {steps} steps", flush=True)
     t0 = time.time()
     summary = distill(cfg)
     seconds = time.time() - t0
     info = {"settings": settings, "command": as_command("sft", flags), "train_seconds": seconds,
-            "s_per_step": seconds / args.teacher_steps, "data": summary.get("data"),
+            "s_per_step": seconds / steps, "data": summary.get("data"),
             "peak_rss_gb": summary.get("peak_rss_gb"),
             "metrics": [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     shutil.copytree(run_dir / "final", tmp, dirs_exist_ok=True)
-    (tmp / "kdlm_bench_teacher.json").write_text(json.dumps(info, indent=1))
+    (tmp / info_name).write_text(json.dumps(info, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-    print(f"[teacher_ft] done in {seconds:.0f} s ({info['s_per_step']:.1f} s/step); cached in {target}", flush=True)
+    print(f"[{kind}] done in {seconds:.0f} s ({info['s_per_step']:.1f} s/step); cached in {target}", flush=True)
     return target, info
 
 
@@ -257,18 +283,34 @@ class MemoTeacher(nn.Module):
     def get_output_embeddings(self):
         return self.lm.get_output_embeddings()
 
+    def load(self, path: Path) -> None:
+        """Add the hidden states saved by :meth:`save` (an earlier invocation on the same teacher and test set)."""
+        device = next(self.lm.parameters()).device
+        self.base_model.memo.update({k: v.to(device) for k, v in torch.load(path, map_location="cpu").items()})
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        torch.save({k: v.cpu() for k, v in self.base_model.memo.items()}, tmp)
+        tmp.replace(path)
+
 
 class Evaluator:
     """kdlm eval's measurements for one model folder, against the fine-tuned teacher (loaded once)."""
 
-    def __init__(self, args, teacher_dir: Path, eval_file: Path, device: torch.device):
-        self.args, self.device = args, device
+    def __init__(self, args, teacher_dir: Path, eval_file: Path, device: torch.device,
+                 memo_file: Optional[Path] = None):
+        """``memo_file``: where the teacher's hidden states on the test batches are kept between invocations
+        (loaded when present, written after the first KL evaluation); the caller keys its name by the teacher and
+        the test subset."""
+        self.args, self.device, self.memo_file = args, device, memo_file
         # The evaluation config: kdlm eval's own settings (decoding, lengths, batch) as every run uses them.
         self.cfg, _ = parse_config(["--teacher.name_or_path", str(teacher_dir),
                                     *common_overrides(args, Path(args.work) / "eval", eval_file)], "eval")
         self.tokenizer = load_tokenizer(str(teacher_dir))
         self.teacher = load_model(str(teacher_dir), dtype="float32").to(device).eval().requires_grad_(False)
         self.memo_teacher = MemoTeacher(self.teacher)
+        if memo_file is not None and memo_file.is_file():
+            self.memo_teacher.load(memo_file)
         self.vocab_size = max(self.tokenizer.get_vocab().values()) + 1
         self.examples, _ = read_examples(str(eval_file), self.cfg.data)
         self.items, counts = tokenize_examples(self.examples, self.tokenizer, max_prompt_length=args.max_prompt_length,
@@ -276,6 +318,33 @@ class Evaluator:
         if len(self.items) != len(self.examples):
             raise RuntimeError(f"test subset: {counts.summary('eval')} (the subset should only hold fitting prompts)")
         self.truncated = counts.truncated_response
+
+    def load(self, model_dir) -> nn.Module:
+        return load_model(str(model_dir), dtype="float32").to(self.device).eval()
+
+    def per_example_kl(self, model: nn.Module) -> tuple[list[float], list[int]]:
+        """Per test example: the mean per-token KL(fine-tuned teacher ‖ model) on its reference response, and its
+        response token count (``teacher_forced_metrics`` with every example labelled as its own domain)."""
+        own = [dataclasses.replace(item, domain=str(i)) for i, item in enumerate(self.items)]
+        tf = teacher_forced_metrics(model, self.memo_teacher, own, vocab_size=self.vocab_size,
+                                    pad_id=self.tokenizer.pad_token_id, batch_size=self.args.eval_batch_size)
+        if self.memo_file is not None and not self.memo_file.is_file():
+            self.memo_teacher.save(self.memo_file)
+        return [tf[f"domain/{i}"]["kl"] for i in range(len(own))], [tf[f"domain/{i}"]["tokens"] for i in range(len(own))]
+
+    def generate(self, model: nn.Module, decoding: str, seeds: list[int], predictions_file: Path) -> tuple[dict, dict]:
+        """kdlm eval's generation metrics with ``decoding`` (greedy, or one sampled run per seed at τ 1, top-p 1),
+        and per test example the ROUGE-L and exact match (×100), averaged over the seeds."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg.eval.decoding, cfg.eval.seeds = decoding, list(seeds) if decoding == "sample" else cfg.eval.seeds
+        gen = generation_metrics(cfg, model, self.tokenizer, self.examples, predictions_file)
+        records = [json.loads(line) for line in predictions_file.read_text().splitlines() if line.strip()]
+        n = len(self.examples)
+        rouge, em = [0.0] * n, [0.0] * n
+        for k, record in enumerate(records):  # seed-major: line k is example k mod n
+            rouge[k % n] += rouge_l_multi(record["prediction"], [record["reference"]]) / (len(records) // n)
+            em[k % n] += exact_match_multi(record["prediction"], [record["reference"]]) / (len(records) // n)
+        return gen, {"rouge_l": rouge, "exact_match": em}
 
     def __call__(self, model_dir, run_dir: Path) -> dict:
         model = load_model(str(model_dir), dtype="float32").to(self.device).eval()
@@ -298,6 +367,17 @@ class Evaluator:
                             "kl": tf[f"domain/{d}"]["kl"], "count": m["count"]} for d, m in mean["domains"].items()},
             "tokens": tf["overall"]["tokens"], "kl_seconds": t1 - t0, "generation_seconds": t2 - t1,
         }
+
+
+def recipe_flags(args, recipe: str, mixing: bool = True) -> list[str]:
+    """The budget adjustments of a recipe (docstring, item 3): sampling methods sample at most ``--gkd-new-tokens``
+    tokens; DDK (``mixing``) re-weights every ``steps/4`` steps on ``--ddk-val-per-domain`` validation examples."""
+    if recipe in ("gkd", "dpkd_sequence"):
+        return ["--objective.sampling.max_new_tokens", str(args.gkd_new_tokens)]
+    if recipe == "ddk" and mixing:
+        return ["--data.mixing.interval", str(max(1, args.steps // 4)), "--data.mixing.validation",
+                str(Path(args.data) / "validation.jsonl"), "--data.mixing.val_per_domain", str(args.ddk_val_per_domain)]
+    return []
 
 
 def step_seconds(run_dir: Path, steps: int):
@@ -369,24 +449,31 @@ def write_outputs(args, result: dict, out: Path) -> None:
     (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                        help="cpu: the small budget of the committed table; gpu: bigger budget, longer sequences, "
-                             "bf16 autocast on cuda, sampled evaluation (MiniLLM protocol, 3 seeds)")
+def add_budget_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the shared budget and data (defaults per ``--scale``; given flags win), also compare.py's."""
     parser.add_argument("--steps", type=int, help="optimizer steps per method")
     parser.add_argument("--batch-size", type=int, help="examples per step per method")
     parser.add_argument("--lr", type=float, help="peak learning rate of the students")
     parser.add_argument("--teacher-steps", type=int, help="SFT steps of the teacher fine-tuning")
     parser.add_argument("--teacher-batch-size", type=int)
     parser.add_argument("--teacher-lr", type=float)
-    parser.add_argument("--per-domain", type=int, help="test examples per domain")
+    parser.add_argument("--per-domain", type=int, help="test examples per domain (the fixed sample)")
     parser.add_argument("--max-prompt-length", type=int)
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--gen-tokens", type=int, help="longest generation in the evaluation")
-    parser.add_argument("--gkd-new-tokens", type=int, help="GKD's sampling.max_new_tokens")
+    parser.add_argument("--gkd-new-tokens", type=int, help="sampling.max_new_tokens of GKD (and DPKD's sequence form)")
     parser.add_argument("--ddk-val-per-domain", type=int)
     parser.add_argument("--eval-batch-size", type=int)
+    parser.add_argument("--data", default=str(DATA), help="a t0mix-shaped folder (train/validation/test.jsonl)")
+    parser.add_argument("--base-teacher", default=DEMO_TEACHER, help="the teacher to fine-tune (default the demo's)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+                        help="cpu: the small budget of the committed table; gpu: bigger budget, longer sequences, "
+                             "bf16 autocast on cuda, sampled evaluation (MiniLLM protocol, 3 seeds)")
+    add_budget_flags(parser)
     parser.add_argument("--decoding", choices=["greedy", "sample"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="", help="comma-separated rows to run: " + ",".join((*BASE_ROWS, *METHODS)))
@@ -431,7 +518,7 @@ def main() -> None:
 
     # The test subset (tokenised with the demo teacher's tokenizer, which fine-tuning does not change).
     eval_file = work / "test_subset.jsonl"
-    result["test_subset"] = write_subset(args, load_tokenizer(DEMO_TEACHER), eval_file)
+    result["test_subset"] = write_subset(args, load_tokenizer(args.base_teacher), eval_file)
     print(f"test subset: {result['test_subset']}", flush=True)
     result["selected"] = selected
 
@@ -464,11 +551,7 @@ def main() -> None:
             flags = ["--teacher.name_or_path", str(teacher_dir), "--train.max_steps", str(args.steps),
                      "--train.batch_size", str(args.batch_size), "--train.lr", str(args.lr),
                      *common_overrides(args, run_dir, eval_file), *extra]
-            if recipe == "gkd":
-                flags += ["--objective.sampling.max_new_tokens", str(args.gkd_new_tokens)]
-            if recipe == "ddk":
-                flags += ["--data.mixing.interval", str(ddk_interval), "--data.mixing.validation",
-                          str(DATA / "validation.jsonl"), "--data.mixing.val_per_domain", str(args.ddk_val_per_domain)]
+            flags += recipe_flags(args, recipe)
             cfg, _ = parse_config(["--config", str(ROOT / "configs" / f"{recipe}.yaml"), *flags])
             if name == "pruned":  # the common start, untrained: pruned and saved as kdlm does it
                 models = load_models(cfg)

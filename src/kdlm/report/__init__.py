@@ -3,6 +3,8 @@
 What a run directory holds (written by ``kdlm distill`` and ``kdlm eval``) and what the page makes of it:
 
 * ``config.yaml``  -> a table of the keys whose values differ between the runs, and every full config (collapsible);
+  runs whose configs differ only in ``train.seed`` form a group: mean ± 95 % interval per group and a bar chart with
+  error bars (the *Seeds* section, :mod:`kdlm.report.stats`);
 * ``metrics.jsonl`` -> training curves (loss and its terms, learning rate, gradient norm, throughput; one line per
   run) and, when the keys are there, the method plots: DDK domain weights (``mixing.jsonl`` first, else the
   ``ddk/...`` keys), AKL head/tail weights, GKD on-policy fraction / reward / completion length, DPKD reward
@@ -36,7 +38,7 @@ from kdlm.formatting import format_change
 from kdlm.report.page import Image, render_html, render_markdown
 from kdlm.report.runs import EXPECTED, ReportError, RunData, _labels, load_run
 from kdlm.report.sections import (
-    _configs, _evaluation, _methods, _notes, _overview, _samples, _training, fmt_number,
+    _configs, _evaluation, _methods, _notes, _overview, _samples, _seeds, _training, fmt_number,
 )
 
 __all__ = ["ReportError", "RunData", "build_report", "default_out_dir", "fmt_number", "format_change", "load_run",
@@ -62,7 +64,7 @@ def build_report(run_dirs: Sequence[Union[str, Path]], out_dir: Union[str, Path]
     for run, label in zip(runs, _labels([run.path for run in runs])):
         run.label = label
     images: list[Image] = []
-    sections = [_overview(runs), _configs(runs), _training(runs, images), _evaluation(runs),
+    sections = [_overview(runs), _seeds(runs, images), _configs(runs), _training(runs, images), _evaluation(runs),
                 _methods(runs, images), _samples(runs), _notes(runs)]
     present = [s for s in sections if s is not None]
     out = Path(out_dir)

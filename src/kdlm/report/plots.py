@@ -50,7 +50,13 @@ def _plot(panels: list[tuple[str, str, list[Series]]], *, ncols: int = 3, log_y:
             ax.yaxis.set_minor_formatter(NullFormatter())
         if len([s for s in series if s[1]]) > 1:
             ax.legend(fontsize=7, loc="best")
-    for index in range(len(panels), nrows * ncols):
+    return _png(fig, axes, len(panels))
+
+
+def _png(fig, axes, used: int) -> bytes:
+    """Hide the grid's unused panels (after the first ``used``) and render the figure to PNG bytes."""
+    nrows, ncols = len(axes), len(axes[0])
+    for index in range(used, nrows * ncols):
         axes[index // ncols][index % ncols].set_visible(False)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -69,3 +75,31 @@ def _per_run(runs: list[RunData], key: str, style: str = "-", suffix: str = "") 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "run"
+
+
+def _bars(panels: list[tuple[str, list[str], list[float], list[float]]]) -> Optional[bytes]:
+    """One PNG with a bar chart per ``(title, labels, means, half_widths)``: one bar per group with an error bar of
+    ± the half-width (NaN: no error bar, one run). Panels without a finite mean are dropped."""
+    panels = [p for p in panels if any(math.isfinite(m) for m in p[2])]
+    if not panels:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    width = max(3.9, 0.5 * max(len(p[1]) for p in panels) + 1.5)
+    fig = Figure(figsize=(width * ncols + 0.4, 3.4 * nrows + 0.3), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for index, (title, labels, means, halves) in enumerate(panels):
+        ax = axes[index // ncols][index % ncols]
+        xs = list(range(len(labels)))
+        errors = [h if math.isfinite(h) else 0.0 for h in halves]
+        ax.bar(xs, means, yerr=errors, capsize=4, color=[COLORS[i % len(COLORS)] for i in xs], alpha=0.85)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    return _png(fig, axes, len(panels))

@@ -11,8 +11,9 @@ from kdlm import registry
 from kdlm.config import flatten
 from kdlm.formatting import format_change
 from kdlm.report.page import Details, Image, Paragraph, Section, Table
-from kdlm.report.plots import COLORS, Series, _per_run, _plot, _slug
+from kdlm.report.plots import COLORS, Series, _bars, _per_run, _plot, _slug
 from kdlm.report.runs import SAMPLES_SHOWN, RunData, _dict, _get, _is_number
+from kdlm.report.stats import t_interval
 
 TEXT_LIMIT = 300  # characters of a sample shown in a table cell
 
@@ -255,6 +256,87 @@ def _evaluation(runs: list[RunData]) -> Section:
                                             "distinct-n and self-BLEU of the generations, length in words."))
     if not section.blocks:
         section.blocks.append(Paragraph("No evaluation results (summary.json, eval_*.json) in these runs."))
+    return section
+
+
+# Config keys that differ between seeds of one setting without making it another setting.
+SEED_KEYS = ("train.seed", "train.output_dir")
+
+
+def seed_groups(runs: list[RunData]) -> list[list[RunData]]:
+    """The runs grouped by their config without :data:`SEED_KEYS` (the same setting, other training seeds), in
+    the order of each group's first run. Runs without a config are a group each."""
+    groups: dict[str, list[RunData]] = {}
+    for index, run in enumerate(runs):
+        if run.config:
+            flat = {k: v for k, v in flatten(run.config).items() if k not in SEED_KEYS}
+            key = json.dumps(flat, sort_keys=True, default=str)
+        else:
+            key = f"#{index}"
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def _final_metrics(run: RunData) -> dict[str, float]:
+    """A run's end-of-training numbers that the seed table summarises: final loss, held-out KL after training
+    (summary.json, else a ``kdlm eval`` result), and ROUGE-L / exact match of each ``kdlm eval`` generation result."""
+    values: dict[str, float] = {}
+    if run.metrics and _is_number(run.metrics[-1].get("loss")):
+        values["final loss"] = float(run.metrics[-1]["loss"])
+    after = run.teacher_forced("after")
+    if after and _is_number(_dict(after.get("overall")).get("kl")):
+        values["held-out KL"] = float(after["overall"]["kl"])
+    for name, result in sorted(run.evals.items()):
+        if name in ("before", "after") or re.fullmatch(r"step\d+", name):
+            continue
+        if "held-out KL" not in values and _is_number(_dict(result.get("overall")).get("kl")):
+            values["held-out KL"] = float(result["overall"]["kl"])
+        overall = _dict(_dict(_dict(result.get("generation")).get("mean")).get("overall"))
+        for key, title in (("rouge_l", "ROUGE-L"), ("exact_match", "EM")):
+            if _is_number(overall.get(key)):
+                values[f"{title} ({name})"] = float(overall[key])
+    return values
+
+
+def _seeds(runs: list[RunData], images: list[Image]) -> Optional[Section]:
+    """Runs that differ only in their training seed, as one row each: mean ± 95 % t-interval over the seeds
+    (:func:`kdlm.report.stats.t_interval`), and bar charts with those intervals as error bars. Only when some
+    setting has several seeds."""
+    groups = seed_groups(runs)
+    if all(len(group) < 2 for group in groups):
+        return None
+    flat = [{k: v for k, v in flatten(g[0].config).items() if k not in SEED_KEYS} for g in groups]
+    differing = sorted(k for k in set().union(*flat) if len({_config_value(f.get(k)) for f in flat}) > 1)
+    values = [[_final_metrics(run) for run in group] for group in groups]
+    metrics = list(dict.fromkeys(m for group in values for run in group for m in run))
+    header = ["group", "setting", "runs", "seeds"] + [f"{m} (mean ± 95 % CI)" for m in metrics]
+    rows, bars = [], {m: ([], [], []) for m in metrics}
+    for index, (group, measured) in enumerate(zip(groups, values)):
+        setting = " · ".join(f"{k}={_config_value(flat[index].get(k))}" for k in differing) or "all runs"
+        seeds = [str(_get(run.config, "train.seed")) for run in group]
+        cells = []
+        for metric in metrics:
+            numbers = [m[metric] for m in measured if metric in m and math.isfinite(m[metric])]
+            if not numbers:
+                cells.append("—")
+                continue
+            interval = t_interval(numbers)
+            half = (interval.high - interval.low) / 2
+            cells.append(f"{fmt_number(interval.estimate)} ± {fmt_number(half)}" if len(numbers) > 1
+                         else fmt_number(interval.estimate))
+            bars[metric][0].append(f"G{index + 1}")
+            bars[metric][1].append(interval.estimate)
+            bars[metric][2].append(half)
+        rows.append([f"G{index + 1}", _clip(setting), ", ".join(run.label for run in group), ", ".join(seeds)] + cells)
+    section = Section("seeds", "Seeds")
+    section.blocks.append(Table(header, rows, numeric_from=4, caption=(
+        "Runs whose configs differ only in train.seed (and output folder) form a group; each cell is the mean over "
+        "the group's runs ± the half-width of the 95 % Student-t interval (t(0.975, n − 1)·s/√n); one run: its value.")))
+    png = _bars([(metric, *bars[metric]) for metric in metrics])
+    if png:
+        images.append(Image("seeds.png", png, "mean and 95 % CI per group of seeds",
+                            "Mean per group (G1, G2, ... as in the table) with the 95 % t-interval as error bars."))
+        section.blocks.append(images[-1])
     return section
 
 

@@ -1,0 +1,156 @@
+"""benchmarks/compare.py: argument errors, the summary and tables from synthetic cells (hand-computed values), and
+(slow tier) ``--scale smoke`` end to end on tiny models: outputs, statistics, claims, the report with intervals,
+and resumability cell by cell (a rerun skips done cells; a time budget stops before the next cell)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import QA, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+DOMAINS = ["alpha", "beta", "gamma"]
+
+
+@pytest.fixture()
+def compare(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("compare", None)
+    return importlib.import_module("compare")
+
+
+def _cell(row, seed, rouge, kl, domains=("a", "a", "b", "b")):
+    """A stored cell with constant per-example scores (aggregates the same numbers)."""
+    n = len(domains)
+    per_example = {"rouge_l_sample": [rouge] * n, "exact_match_sample": [0.0] * n, "rouge_l_greedy": [rouge] * n,
+                   "exact_match_greedy": [0.0] * n, "kl": [kl] * n, "tokens": [3] * n}
+    aggregate = {"kl": kl, "rouge_l_sample": rouge, "rouge_l_greedy": rouge, "exact_match_sample": 0.0,
+                 "exact_match_greedy": 0.0, "domains": {d: {"kl": kl, "rouge_l_sample": rouge, "rouge_l_greedy": rouge}
+                                                        for d in dict.fromkeys(domains)}}
+    return {"row": row, "seed": seed, "aggregate": aggregate, "per_example": per_example, "domains": list(domains),
+            "seconds": 100.0 if seed is None else 10.0 * (seed + 1), "s_per_step": 2.0}
+
+
+def test_arguments_are_checked(compare, capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--rows", "sft,bogus"])
+    assert "--rows: unknown rows ['bogus']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--seeds", "0,x"])
+    assert "--seeds: expected comma-separated integers, got '0,x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--seeds", "1,1"])
+    assert "distinct" in capsys.readouterr().err
+    args = compare.parse_args(["--scale", "smoke", "--steps", "7"])
+    assert (args.steps, args.row_list, args.seed_list, args.sample_seed_list) == (7, ["sft", "fkl"], [0, 1], [10, 20])
+    cpu = compare.parse_args([])
+    assert cpu.seed_list == [0, 1, 2] and cpu.row_list == list(compare.ROWS) and len(cpu.sample_seed_list) >= 3
+
+
+def test_summary_from_synthetic_cells(compare, tmp_path):
+    cells_dir = tmp_path / "cells"
+    cells = [_cell("teacher_ft", None, 10.0, 0.0), _cell("sft_start", None, 1.0, 3.0)]
+    for seed, noise in zip((0, 1, 2), (0.0, 0.3, -0.3)):
+        cells += [_cell("sft", seed, 2.0 + noise, 2.0), _cell("fkl", seed, 4.0 + noise, 1.5),
+                  _cell("akl", seed, 9.0 + noise, 1.0), _cell("rkl", seed, 3.0 + noise, 1.8)]
+    for cell in cells:
+        compare.store_cell(compare.cell_path(cells_dir, cell["row"], cell["seed"]), cell)
+    loaded = compare.load_cells(cells_dir)
+    assert sorted(loaded["fkl"]) == [0, 1, 2] and list(loaded["teacher_ft"]) == [None]
+    # The duration estimate: the row's median, else any method row's.
+    assert compare.estimate_seconds(loaded, "fkl") == 20.0 and compare.estimate_seconds(loaded, "ddk") == 20.0
+    args = compare.parse_args(["--rows", "sft,fkl,akl,rkl,ddk", "--seeds", "0,1,2", "--n-boot", "200"])
+    summary = compare.summarise(loaded, args)
+    rows = summary["rows"]
+    # FKL ROUGE-L over seeds 4.0, 4.3, 3.7: mean 4, s = 0.3, half-width 4.3027 * 0.3 / sqrt(3) = 0.7452.
+    assert rows["fkl"]["rouge_l_sample"]["mean"] == pytest.approx(4.0)
+    assert rows["fkl"]["rouge_l_sample"]["high"] - 4.0 == pytest.approx(0.7452, abs=1e-4)
+    # Paired with SFT seed by seed: exactly +2 ROUGE-L and -0.5 KL in every seed and example.
+    diff = rows["fkl"]["diff_vs_sft_rouge_l_sample"]
+    assert (diff["mean"], diff["low"], diff["high"]) == pytest.approx((2.0, 2.0, 2.0))
+    assert rows["fkl"]["diff_vs_sft_kl"]["mean"] == pytest.approx(-0.5)
+    # Gap closed: KL (1.5 - 2) / (0 - 2) = 0.25; ROUGE-L (4 - 2) / (10 - 2) = 0.25.
+    assert rows["fkl"]["gap_closed_kl"]["mean"] == pytest.approx(0.25)
+    assert rows["fkl"]["gap_closed_rouge_l_sample"]["mean"] == pytest.approx(0.25)
+    assert summary["teacher_sft_gap"]["rouge_l_sample"] == pytest.approx(8.0)
+    assert rows["teacher_ft"]["seeds"] == [None] and "diff_vs_sft_kl" not in rows["teacher_ft"]
+    verdicts = {c.claim.paper: c.verdict for c in summary["claims"]}
+    assert verdicts["AKL (Wu et al., COLING 2025)"] == "holds"  # AKL +5 over FKL and +6 over RKL in every seed
+    assert verdicts["GKD (Agarwal et al., ICLR 2024)"] == "not run"
+    out = tmp_path / "results" / "compare_cpu"
+    planned = [(row, seed) for row in args.row_list for seed in args.seed_list]
+    compare.write_outputs(args, summary, planned, out, {})
+    markdown = out.with_suffix(".md").read_text()
+    assert "| AKL + CE (`akl.yaml`) | 0,1,2 | 9.0 ± 0.7 |" in markdown
+    assert "| DDK mixing, CE + 0.2·KL (`ddk.yaml`) | *not run yet* |" in markdown
+    assert "Not run yet (3 cells): ddk seed 0, ddk seed 1, ddk seed 2." in markdown
+    assert "| AKL (Wu et al., COLING 2025) | AKL beats FKL and RKL |" in markdown and "**holds**" in markdown
+    stored = json.loads(out.with_suffix(".json").read_text())
+    assert stored["claims"][0]["verdict"] == "holds" and stored["not_run"][0] == "ddk seed 0"
+
+
+@pytest.mark.slow
+def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, capsys):
+    import torch
+
+    monkeypatch.setenv("KDLM_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)  # tiny models: one thread is faster on a busy 2-core machine
+    data = tmp_path / "t0mix"
+    data.mkdir()
+    records = [{"prompt": p, "response": r, "domain": DOMAINS[i % 3]} for i, (p, r) in enumerate(QA * 3)]
+    for split in ("train", "validation", "test"):
+        write_jsonl(data / f"{split}.jsonl", records)
+    out = tmp_path / "results" / "compare_smoke"
+    argv = ["--scale", "smoke", "--base-teacher", str(tiny["teacher"]), "--data", str(data), "--student-layers", "2",
+            "--work", str(tmp_path / "work"), "--out", str(out), "--n-boot", "200", "--per-domain", "2",
+            "--batch-size", "4"]
+    assert compare.main(argv) == 0
+    first = capsys.readouterr().out
+
+    result = json.loads(out.with_suffix(".json").read_text())
+    cells_dirs = list(Path(str(out) + "_cells").iterdir())
+    assert len(cells_dirs) == 1
+    cell_files = sorted(p.name for p in cells_dirs[0].glob("*.json"))
+    assert cell_files == ["fkl-seed0.json", "fkl-seed1.json", "sft-seed0.json", "sft-seed1.json", "sft_start.json",
+                          "teacher_ft.json"]
+    assert result["domains"] == {d: 2 for d in DOMAINS}  # the fixed per-domain sample, every domain
+    # Row statistics recomputed from the cells: mean of the two seeds, t-interval half-width t(0.975, 1)·|a − b|/2.
+    cells = {name: json.loads((cells_dirs[0] / name).read_text()) for name in cell_files}
+    for row in ("sft", "fkl"):
+        a, b = (cells[f"{row}-seed{s}.json"]["aggregate"]["kl"] for s in (0, 1))
+        stats = result["rows"][row]["kl"]
+        assert stats["mean"] == pytest.approx((a + b) / 2)
+        assert stats["high"] - stats["mean"] == pytest.approx(12.7062 * abs(a - b) / 2, rel=1e-4)
+        per_example = cells[f"{row}-seed0.json"]["per_example"]
+        assert len(per_example["rouge_l_sample"]) == len(per_example["kl"]) == 6
+    assert result["rows"]["fkl"]["seeds"] == [0, 1] and "diff_vs_sft_kl" in result["rows"]["fkl"]
+    assert "gap_closed_rouge_l_sample" in result["rows"]["fkl"]
+    assert result["rows"]["teacher_ft"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)  # the teacher against itself
+    # Claims: every paper has a row; with only SFT and FKL run, each is "not run".
+    assert len(result["claims"]) == 6 and {c["verdict"] for c in result["claims"]} == {"not run"}
+    markdown = out.with_suffix(".md").read_text()
+    assert "## Claims of the seed papers" in markdown and "| FKL + CE (`fkl.yaml`) | 0,1 |" in markdown
+    assert " ± " in markdown
+    # The kdlm report of the four run directories groups the seeds with intervals.
+    page = (Path(str(out) + "_report") / "report.html").read_text()
+    assert "Seeds" in page and "95 % CI" in page
+
+    # Rerun: every cell is skipped (files untouched); the outputs are written again from the stored cells.
+    stamps = {p.name: p.stat().st_mtime_ns for p in cells_dirs[0].glob("*.json")}
+    assert compare.main(argv) == 0
+    second = capsys.readouterr().out
+    assert second.count("done before, skipped") == 4 and "] ..." not in second
+    assert {p.name: p.stat().st_mtime_ns for p in cells_dirs[0].glob("*.json")} == stamps
+    assert json.loads(out.with_suffix(".json").read_text())["rows"]["fkl"]["kl"] == result["rows"]["fkl"]["kl"]
+    assert "[sft seed 0] ..." in first
+
+    # A time budget already spent: no new cell starts, and the command says what is left.
+    assert compare.main(argv + ["--seeds", "0,1,2", "--time-budget-min", "0"]) == 0
+    third = capsys.readouterr().out
+    assert "time budget reached before sft seed 2" in third and "sft:2 fkl:2" in third
+    assert sorted(p.name for p in cells_dirs[0].glob("*.json")) == cell_files
+    assert "Not run yet (2 cells): sft seed 2, fkl seed 2." in out.with_suffix(".md").read_text()
