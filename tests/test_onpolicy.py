@@ -143,9 +143,12 @@ def test_distributed_ranks_sample_with_different_seeds(tiny, tmp_path):
     examples, _ = read_examples(str(tiny["train"]), cfg.data)
     items, _ = tokenize_examples(examples[:4], tokenizer, max_prompt_length=32, max_length=64)
     batch = collate(items, tokenizer.pad_token_id)
-    rank0, _ = objective.prepare_window([batch], step=5, student_lm=student, process_index=0)
-    again, _ = objective.prepare_window([batch], step=5, student_lm=student, process_index=0)
-    rank1, _ = objective.prepare_window([batch], step=5, student_lm=student, process_index=1)
+    def draw(step):
+        return [dict(batch)] if step == 5 else None
+
+    rank0, _ = objective.prepare_window(draw, step=5, student_lm=student, process_index=0)
+    again, _ = objective.prepare_window(draw, step=5, student_lm=student, process_index=0)
+    rank1, _ = objective.prepare_window(draw, step=5, student_lm=student, process_index=1)
     assert torch.equal(rank0[0]["input_ids"], again[0]["input_ids"])
     assert not torch.equal(rank0[0]["input_ids"], rank1[0]["input_ids"])
 
