@@ -203,6 +203,8 @@ def test_row_seeded_sampler_follows_the_softmax(tiny, top_k):
 
     tokenizer = tiny["tokenizer"]
     model = make_llama(len(tokenizer), layers=2, seed=5, hidden=16)
+    # A peaked distribution (logit std about 3), so that a wrong temperature or filter is visible in the counts.
+    model.lm_head.weight.data.normal_(0, 0.75, generator=torch.Generator().manual_seed(0))
     prompt = torch.tensor([tokenizer("Name a fruit.")["input_ids"]])
     with torch.no_grad():
         logits = model(prompt).logits[0, -1].double()
@@ -211,7 +213,7 @@ def test_row_seeded_sampler_follows_the_softmax(tiny, top_k):
         kept = logits.topk(top_k).indices
         probs = torch.zeros_like(probs).index_fill(0, kept, 1.0) * probs
         probs = probs / probs.sum()
-    n = 4000
+    n = 20000
     ids, mask = left_pad(prompt.repeat(n, 1), torch.full((n,), prompt.shape[1]), tokenizer.pad_token_id)
     tokens, logprobs = sample_rows(model, ids, mask, row_seeds=list(range(n)), max_new_tokens=1, stop_token_ids=[1],
                                    pad_token_id=tokenizer.pad_token_id, temperature=0.9, top_k=top_k)
