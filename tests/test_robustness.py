@@ -36,6 +36,7 @@ def _poison(monkeypatch, bad_calls: set[int]) -> None:
 
         class Poisoned:  # the same objective, whose loss turns NaN on the chosen calls
             prepare_window, units = objective.prepare_window, objective.units
+            state_dict, load_state_dict = objective.state_dict, objective.load_state_dict
 
             def __call__(self, student, batch):
                 out = objective(student, batch)

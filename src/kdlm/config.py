@@ -184,6 +184,10 @@ class SamplingConfig:
     """Top-k filter (0 = off)."""
     max_new_tokens: int = 128
     """Longest sampled response; it is also capped by data.max_length."""
+    steps_per_generation: int = 1
+    """gkd only: k. At the start of every k-step window the student samples the responses of all k optimizer steps
+    (all micro-batches) in one batched call; steps t+1..t+k-1 train on samples of step t's student (logged:
+    gkd/staleness, gkd/log_ratio_mean/std). 1 = exactly on-policy, still one call per accumulation window."""
 
 
 @dataclass
@@ -456,6 +460,11 @@ def validate(cfg: Config) -> Config:
     sp = o.sampling
     if sp.temperature < 0 or not 0.0 < sp.top_p <= 1.0 or sp.top_k < 0 or sp.max_new_tokens < 1:
         errors.append("objective.sampling: temperature >= 0, 0 < top_p <= 1, top_k >= 0 and max_new_tokens >= 1 required")
+    if sp.steps_per_generation < 1:
+        errors.append(f"objective.sampling.steps_per_generation must be >= 1, got {sp.steps_per_generation}")
+    elif sp.steps_per_generation > 1 and o.name != "gkd":
+        errors.append(f"objective.sampling.steps_per_generation {sp.steps_per_generation} applies to objective.name=gkd, "
+                      f"not '{o.name}' (DPKD's sequence form reuses its samples with objective.refresh_every)")
     if o.rank_k is not None and o.rank_k < 1:
         errors.append(f"objective.rank_k must be >= 1, got {o.rank_k}")
     if o.rank_weight is not None and o.rank_weight < 0:

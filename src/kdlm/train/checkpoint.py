@@ -64,8 +64,10 @@ def _python_rng() -> dict:
     }
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, accelerator, student_lm, optimizer, scheduler, keep: int) -> Path:
-    """Write checkpoint ``state.step`` atomically; every process calls this (each saves its own RNG state)."""
+def save_checkpoint(run_dir: Path, state: TrainState, accelerator, student_lm, optimizer, scheduler, keep: int,
+                    objective_state: Optional[dict] = None) -> Path:
+    """Write checkpoint ``state.step`` atomically; every process calls this (each saves its own RNG state and
+    ``objective_state``, the objective's :meth:`state_dict`, when not empty)."""
     final = run_dir / f"{PREFIX}{state.step:07d}"
     tmp = run_dir / f".{PREFIX}{state.step:07d}.tmp"
     if accelerator.is_main_process:
@@ -75,6 +77,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, accelerator, student_lm, o
     rank = accelerator.process_index
     save_file(_rng_state(), tmp / f"rng-rank{rank}.safetensors")
     (tmp / f"rng-rank{rank}.json").write_text(json.dumps(_python_rng()))
+    if objective_state:  # e.g. GKD's batches sampled ahead (sampling.steps_per_generation)
+        torch.save(objective_state, tmp / f"objective-rank{rank}.pt")
     if accelerator.is_main_process:
         from kdlm.models import is_peft_model
 
@@ -165,6 +169,19 @@ def latest_intact_checkpoint(run_dir: Path) -> Optional[Path]:
     if damaged:
         raise CheckpointError(f"--resume: every checkpoint in {run_dir} is damaged: {'; '.join(damaged)}")
     return None
+
+
+def load_objective_state(path: Path, rank: int) -> dict:
+    """The objective's state saved by process ``rank`` in checkpoint ``path`` (empty when it saved none);
+    tensors and plain containers only, like the optimizer state."""
+    file = path / f"objective-rank{rank}.pt"
+    if not file.is_file():
+        return {}
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{file}: refused to load: it holds pickled objects other than tensors and plain "
+                              f"containers, which kdlm never writes (a tampered or foreign file?). Details: {error}") from error
 
 
 def load_checkpoint(path: Path, accelerator, student_lm, optimizer, scheduler) -> TrainState:

@@ -39,7 +39,7 @@ from kdlm.generation import fill_teacher_responses
 from kdlm.logs import setup_logging
 from kdlm.models import DecoderOnly, load_models, save_student
 from kdlm.train.checkpoint import (TrainState, latest_checkpoint, latest_intact_checkpoint, load_checkpoint,
-                                  save_checkpoint)
+                                  load_objective_state, save_checkpoint)
 from kdlm.train.mixing import DomainMixer, write_mixing_report
 from kdlm.train.rundir import claim_run_dir
 from kdlm.train.objectives import make_objective
@@ -247,7 +247,7 @@ def _run(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dict:
                                teacher_vocab_size=models.teacher_vocab_size)
     training = _prepare_training(cfg, accelerator, models.student, data, tokenizer.pad_token_id,  # 5.
                                  None if teacher_tokenizer is None else teacher_tokenizer.pad_token_id)
-    state = _resume(resume_from, accelerator, training, data.mixer, run_dir, cfg)  # 6.
+    state = _resume(resume_from, accelerator, training, data.mixer, run_dir, cfg, objective)  # 6.
     summary: dict = {"data": data.counts, "total_steps": training.total_steps}
     evaluate = partial(  # across tokenizers the held-out KL is not defined token by token: student metrics only
         evaluate_and_report, cfg=cfg, teacher=teacher if teacher_tokenizer is None else None, tokenizer=tokenizer,
@@ -404,11 +404,14 @@ def _prepare_training(cfg: Config, accelerator, student_lm, data: _Data, pad_id:
     return _Training(student, accelerator.unwrap_model(student).lm, optimizer, scheduler, loader, sampler, total_steps)
 
 
-def _resume(resume_from: Optional[Path], accelerator, training: _Training, mixer, run_dir: Path, cfg: Config) -> TrainState:
-    """6. A fresh state, or the checkpoint's (weights, optimizer, scheduler, RNG, data position, domain sampler)."""
+def _resume(resume_from: Optional[Path], accelerator, training: _Training, mixer, run_dir: Path, cfg: Config,
+            objective) -> TrainState:
+    """6. A fresh state, or the checkpoint's (weights, optimizer, scheduler, RNG, data position, domain sampler,
+    the objective's state)."""
     if resume_from is None:
         return TrainState()
     state = load_checkpoint(resume_from, accelerator, training.student_lm, training.optimizer, training.scheduler)
+    objective.load_state_dict(load_objective_state(resume_from, accelerator.process_index))
     if accelerator.is_main_process:
         _truncate_metrics(run_dir / "metrics.jsonl", state.step)
     if mixer is not None:
@@ -430,15 +433,23 @@ def _step_loop(cfg: Config, accelerator, run_dir: Path, objective, t: _Training,
     logger = _Logger(run_dir / "metrics.jsonl", accelerator, bar, cfg.train.log_every, t.total_steps)
     nonfinite_in_a_row = 0
     t.student.train()
+    mixing_stats: dict[int, dict[str, float]] = {}
+
+    def draw(step: int) -> Optional[list[dict]]:
+        """Step ``step``'s micro-batches (None past the last step). The objective calls it, for the current step
+        and possibly a few steps ahead (GKD's sampling.steps_per_generation)."""
+        if step >= t.total_steps:
+            return None
+        if data.mixer is None:
+            return [next(batches) for _ in range(cfg.train.grad_accum)]
+        # DDK & co.: the step's examples by domain weights (re-weighted every interval)
+        window, mixing_stats[step] = data.mixer.window(step, t.student_lm, accelerator.device,
+                                                       partial(broadcast, from_process=0))
+        return window
+
     while state.step < t.total_steps:
-        mixing_stats: dict[str, float] = {}
-        if data.mixer is not None:  # DDK & co.: this step's examples by domain weights (re-weighted every interval)
-            window, mixing_stats = data.mixer.window(state.step, t.student_lm, accelerator.device,
-                                                     partial(broadcast, from_process=0))
-        else:
-            window = [next(batches) for _ in range(cfg.train.grad_accum)]
         # On-policy methods sample responses now (GKD, DPKD sequence); the others return the window as drawn.
-        window, policy_stats = objective.prepare_window(window, step=state.step, student_lm=t.student_lm,
+        window, policy_stats = objective.prepare_window(draw, step=state.step, student_lm=t.student_lm,
                                                         process_index=accelerator.process_index)
         # The denominator of the loss: response tokens (or the objective's units, e.g. DPKD's pairs) of the whole
         # optimizer step, over every process.
@@ -456,7 +467,7 @@ def _step_loop(cfg: Config, accelerator, run_dir: Path, objective, t: _Training,
         record.update({"lr": t.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "response_tokens": units})
         if not finite:
             record["skipped_nonfinite"] = 1
-        record.update(mixing_stats)
+        record.update(mixing_stats.pop(state.step - 1, {}))
         record.update(policy_stats)
         logger.write(record, window, force=not finite)
         if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
@@ -465,7 +476,8 @@ def _step_loop(cfg: Config, accelerator, run_dir: Path, objective, t: _Training,
             evaluate(t.student_lm, tag=f"step{state.step}", samples=False)
         if cfg.train.save_every and state.step % cfg.train.save_every == 0:
             state.mixing = data.mixer.state_dict() if data.mixer is not None else None
-            save_checkpoint(run_dir, state, accelerator, t.student_lm, t.optimizer, t.scheduler, cfg.train.save_total_limit)
+            save_checkpoint(run_dir, state, accelerator, t.student_lm, t.optimizer, t.scheduler, cfg.train.save_total_limit,
+                            objective_state=objective.state_dict())
     bar.close()
 
 

@@ -15,21 +15,28 @@ token (then all of its sampled tokens are kept and labelled, exactly like a data
 ``tokenize_examples`` truncated). An immediate stop (the first sampled token is a stop token) keeps a
 completion of just that token, labelled: the student then learns from the teacher whether stopping there was
 right, instead of the row silently dropping out of the loss.
+
+Two entry points: :func:`sample_responses` (one batch, one seed for the call) and :func:`sample_window` (the
+training rollouts: every micro-batch of one or several optimizer steps in ONE engine call, a seed per row, and
+each sampled token's log-probability at sampling time in ``sample_logprobs``). A sampling engine is one function,
+:data:`Engine`: (model, left-padded prompts, their mask, per-row seeds, settings) -> (tokens, log-probabilities);
+:func:`hf_engine` (transformers ``generate`` through :func:`kdlm.sampler.sample_rows`) is the default, and a
+faster engine (e.g. vLLM) plugs in as ``sample_window(..., engine=)``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from kdlm.data.format import IGNORE
-from kdlm.sampler import first_stops, left_pad, sample_tokens
+from kdlm.sampler import first_stops, left_pad, sample_rows, sample_tokens
 
-__all__ = ["RolloutStats", "sample_responses"]
+__all__ = ["Engine", "RolloutStats", "SamplingSettings", "hf_engine", "sample_responses", "sample_window"]
 
 
 @dataclass
@@ -42,6 +49,14 @@ class RolloutStats:
     stopped_share: float  # rows whose kept completion ends with a stop token (not cut by the token budget)
     wall_seconds: float
     tokens_per_s: float
+
+    @classmethod
+    def of(cls, rows: int, generated: int, stopped: int, started: float) -> "RolloutStats":
+        """Stats of ``rows`` sampled rows with ``generated`` kept tokens, ``stopped`` of them ending with a stop
+        token, the call having started at ``time.perf_counter()`` = ``started`` (device work has finished)."""
+        wall = time.perf_counter() - started
+        return cls(sequences=rows, generated_tokens=generated, mean_completion_length=generated / max(rows, 1),
+                   stopped_share=stopped / max(rows, 1), wall_seconds=wall, tokens_per_s=generated / max(wall, 1e-9))
 
     def as_metrics(self, prefix: str = "rollout/") -> dict[str, float]:
         return {prefix + key: float(value) for key, value in asdict(self).items()}
@@ -83,6 +98,39 @@ def _validate(
         raise ValueError(f"a prompt of {int(prompt_lengths.max())} tokens leaves no room for a completion "
                          f"within max_length {max_length}")
     return input_ids, prompt_lengths
+
+
+def _completion_batch(input_ids: Tensor, prompt_lengths: Tensor, completion: Tensor, *, stop_token_ids: Sequence[int],
+                      pad_token_id: int, max_length: Optional[int]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The training batch (module docstring's layout) of right-padded ``input_ids`` [B, T] whose first
+    ``prompt_lengths`` ids are the prompts, followed by the sampled ``completion`` [B, S]; also each row's kept
+    completion length and whether it ends with a stop token."""
+    home, rows = input_ids.device, input_ids.shape[0]
+    sampled = completion.shape[1]
+    # The completion ends at the first stop token (kept); no stop token: every sampled token is kept.
+    has_stop, first_stop = first_stops(completion, stop_token_ids)
+    keep = torch.where(has_stop, first_stop + 1, torch.full_like(first_stop, sampled))
+    if max_length is not None:
+        keep = torch.minimum(keep, max_length - prompt_lengths)
+    stopped = has_stop & (first_stop < keep)
+
+    # Right-padded prompt + completion, built column by column with gathers (no Python loop over rows).
+    ends = prompt_lengths + keep
+    width = int(ends.max())
+    columns = torch.arange(width, device=home).unsqueeze(0).expand(rows, width)
+    in_prompt = columns < prompt_lengths.unsqueeze(1)
+    in_completion = ~in_prompt & (columns < ends.unsqueeze(1))
+    from_prompt = input_ids.gather(1, columns.clamp(max=input_ids.shape[1] - 1))
+    from_completion = completion.gather(1, (columns - prompt_lengths.unsqueeze(1)).clamp(0, sampled - 1))
+    pad = torch.full_like(columns, pad_token_id)
+    new_ids = torch.where(in_prompt, from_prompt, torch.where(in_completion, from_completion, pad))
+    new_batch = {
+        "input_ids": new_ids,
+        "labels": torch.where(in_completion, new_ids, torch.full_like(new_ids, IGNORE)),
+        "attention_mask": (in_prompt | in_completion).long(),
+        "prompt_lengths": prompt_lengths.clone(),
+    }
+    return new_batch, keep, stopped
 
 
 def sample_responses(
@@ -130,40 +178,94 @@ def sample_responses(
         model, prompts, prompt_mask, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
         pad_token_id=pad_token_id, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
     ).to(home)
-    sampled = completion.shape[1]
-
-    # The completion ends at the first stop token (kept); no stop token: every sampled token is kept.
-    has_stop, first_stop = first_stops(completion, stop_token_ids)
-    keep = torch.where(has_stop, first_stop + 1, torch.full_like(first_stop, sampled))
-    if max_length is not None:
-        keep = torch.minimum(keep, max_length - prompt_lengths)
-    stopped = has_stop & (first_stop < keep)
-
-    # Right-padded prompt + completion, built column by column with gathers (no Python loop over rows).
-    ends = prompt_lengths + keep
-    width = int(ends.max())
-    columns = torch.arange(width, device=home).unsqueeze(0).expand(rows, width)
-    in_prompt = columns < prompt_lengths.unsqueeze(1)
-    in_completion = ~in_prompt & (columns < ends.unsqueeze(1))
-    from_prompt = input_ids.gather(1, columns.clamp(max=input_ids.shape[1] - 1))
-    from_completion = completion.gather(1, (columns - prompt_lengths.unsqueeze(1)).clamp(0, sampled - 1))
-    pad = torch.full_like(columns, pad_token_id)
-    new_ids = torch.where(in_prompt, from_prompt, torch.where(in_completion, from_completion, pad))
-    new_batch = {
-        "input_ids": new_ids,
-        "labels": torch.where(in_completion, new_ids, torch.full_like(new_ids, IGNORE)),
-        "attention_mask": (in_prompt | in_completion).long(),
-        "prompt_lengths": prompt_lengths.clone(),
-    }
-
+    new_batch, keep, stopped = _completion_batch(input_ids, prompt_lengths, completion, stop_token_ids=stop_token_ids,
+                                                 pad_token_id=pad_token_id, max_length=max_length)
     generated = int(keep.sum())
-    wall = time.perf_counter() - started  # after the .sum() above: device work has finished
-    stats = RolloutStats(
-        sequences=rows,
-        generated_tokens=generated,
-        mean_completion_length=generated / rows,
-        stopped_share=int(stopped.sum()) / rows,
-        wall_seconds=wall,
-        tokens_per_s=generated / max(wall, 1e-9),
-    )
-    return new_batch, stats
+    return new_batch, RolloutStats.of(rows, generated, int(stopped.sum()), started)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How :func:`sample_window` samples (``objective.sampling`` plus the tokenizer's and data's limits)."""
+
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]
+    pad_token_id: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_length: Optional[int] = None
+    """Cap on prompt + completion (data.max_length); completions are cut to it."""
+    vocab_size: Optional[int] = None
+    """The tokenizer's vocabulary size: output rows at or past it (padding) are never sampled."""
+
+
+Engine = Callable[[nn.Module, Tensor, Tensor, Sequence[int], SamplingSettings], tuple[Tensor, Tensor]]
+"""A sampling engine: ``engine(model, prompts, attention_mask, row_seeds, settings) -> (tokens, logprobs)`` with
+left-padded ``prompts`` [N, P], one seed per row, and the sampled tokens [N, T] (T ≤ settings.max_new_tokens,
+rows padded after their stop token) and each token's log-probability under ``model`` at temperature 1 [N, T].
+Row r's sample must depend only on its prompt, the model and ``row_seeds[r]``."""
+
+
+def hf_engine(model: nn.Module, prompts: Tensor, attention_mask: Tensor, row_seeds: Sequence[int],
+              settings: SamplingSettings) -> tuple[Tensor, Tensor]:
+    """The default :data:`Engine`: transformers ``generate`` with the KV cache, one generator per row
+    (:func:`kdlm.sampler.sample_rows`)."""
+    return sample_rows(model, prompts, attention_mask, row_seeds=row_seeds, max_new_tokens=settings.max_new_tokens,
+                       stop_token_ids=settings.stop_token_ids, pad_token_id=settings.pad_token_id,
+                       temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                       vocab_size=settings.vocab_size)
+
+
+def sample_window(model: nn.Module, batches: Sequence[dict[str, Tensor]], row_seeds: Sequence[Sequence[int]],
+                  settings: SamplingSettings, engine: Engine = hf_engine) -> tuple[list[dict[str, Tensor]], RolloutStats]:
+    """Sample a completion for every prompt of every batch in ``batches`` with ONE ``engine`` call; return one new
+    training batch per input batch (as :func:`sample_responses`, plus ``sample_logprobs``) and the call's stats.
+
+    ``row_seeds[i][r]`` seeds row r of ``batches[i]``. Since every row draws from its own seed, batch i's result is
+    the one a call with ``batches[i]`` alone would give (up to float rounding of the larger batch's logits).
+    ``sample_logprobs`` (float32, same shape as ``input_ids``) holds, at each completion position, the sampled
+    token's log-probability under ``model`` at sampling time (temperature 1, no filter), and 0 elsewhere: the
+    reference for how far the student has moved when the batch is trained on later (staleness).
+    """
+    if len(row_seeds) != len(batches) or any(len(s) != b["input_ids"].shape[0] for s, b in zip(row_seeds, batches)):
+        raise ValueError("sample_window needs one seed per row of every batch")
+    started = time.perf_counter()
+    checked = [_validate(b, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                         top_p=settings.top_p, top_k=settings.top_k, stop_token_ids=settings.stop_token_ids,
+                         max_length=settings.max_length) for b in batches]
+    # All prompts, right-padded into one matrix, then left-padded for generation.
+    lengths = torch.cat([lengths for _, lengths in checked])
+    width = int(lengths.max())
+    merged = torch.full((lengths.numel(), width), settings.pad_token_id, dtype=torch.long, device=lengths.device)
+    row = 0
+    for ids, lengths_b in checked:
+        take = min(width, ids.shape[1])
+        merged[row: row + ids.shape[0], :take] = ids[:, :take].to(merged.device)
+        row += ids.shape[0]
+    prompts, prompt_mask = left_pad(merged, lengths, settings.pad_token_id)
+    max_new = settings.max_new_tokens
+    if settings.max_length is not None:  # tokens past the cap of even the shortest prompt's row would be cut anyway
+        max_new = min(max_new, settings.max_length - int(lengths.min()))
+    call_settings = SamplingSettings(**{**asdict(settings), "max_new_tokens": max_new})
+    tokens, logprobs = engine(model, prompts, prompt_mask, [s for seeds in row_seeds for s in seeds], call_settings)
+
+    out, generated, stopped, row = [], 0, 0, 0
+    for ids, lengths_b in checked:
+        rows = ids.shape[0]
+        completion = tokens[row: row + rows].to(ids.device)
+        new_batch, keep, ends_with_stop = _completion_batch(ids, lengths_b, completion,
+                                                            stop_token_ids=settings.stop_token_ids,
+                                                            pad_token_id=settings.pad_token_id,
+                                                            max_length=settings.max_length)
+        # Each completion position gets its token's sampling-time log-probability (column j of the completion).
+        columns = torch.arange(new_batch["input_ids"].shape[1], device=ids.device).unsqueeze(0)
+        offset = (columns - lengths_b.unsqueeze(1)).clamp(0, completion.shape[1] - 1)
+        row_logprobs = logprobs[row: row + rows].to(ids.device).float().gather(1, offset)
+        new_batch["sample_logprobs"] = torch.where(new_batch["labels"] != IGNORE, row_logprobs,
+                                                   torch.zeros_like(row_logprobs))
+        out.append(new_batch)
+        generated += int(keep.sum())
+        stopped += int(ends_with_stop.sum())
+        row += rows
+    return out, RolloutStats.of(row, generated, stopped, started)

@@ -9,7 +9,7 @@ layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import nn
@@ -58,10 +58,22 @@ class Objective(Protocol):
         """Loss and metric SUMS over ``batch``'s units; ``student`` is the :class:`kdlm.models.DecoderOnly` wrapper."""
         ...
 
-    def prepare_window(self, window: list[Batch], *, step: int, student_lm: nn.Module,
+    def prepare_window(self, draw: Callable[[int], Optional[list[Batch]]], *, step: int, student_lm: nn.Module,
                        process_index: int) -> tuple[list[Batch], dict[str, float]]:
-        """Rewrite one optimizer step's micro-batches before the loss (on-policy methods sample responses here);
-        returns them and stats that are logged as they are."""
+        """Step ``step``'s micro-batches, ready for the loss: drawn with ``draw(step)`` and rewritten (on-policy
+        methods sample responses here). An objective may draw the next steps of the data stream ahead, in order
+        (``draw(step + 1)``, ..., None past the last step), and then must keep them (see :meth:`state_dict`) and
+        not draw them again. Returns the batches and stats of this process that are logged with the step as they
+        are (the objective may still add entries while its loss runs on the step's batches)."""
+        ...
+
+    def state_dict(self) -> dict:
+        """What the objective carries from step to step (e.g. batches sampled ahead): plain containers and CPU
+        tensors, saved with every checkpoint (per process); empty when there is nothing."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output when a run resumes."""
         ...
 
     def units(self, batch: Batch) -> int:
@@ -70,11 +82,18 @@ class Objective(Protocol):
 
 
 class ObjectiveBase:
-    """Defaults of the optional protocol methods: the window is used as drawn, units are response tokens."""
+    """Defaults of the optional protocol methods: the window is used as drawn, units are response tokens, no state."""
 
-    def prepare_window(self, window: list[Batch], *, step: int, student_lm: nn.Module,
+    def prepare_window(self, draw: Callable[[int], Optional[list[Batch]]], *, step: int, student_lm: nn.Module,
                        process_index: int) -> tuple[list[Batch], dict[str, float]]:
-        return window, {}
+        return draw(step), {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but was given {sorted(state)}")
 
     def units(self, batch: Batch) -> int:
         return int(response_positions(batch)[0].sum())

@@ -28,6 +28,7 @@ from kdlm.models import DecoderOnly, OutputHead, unwrap
 from kdlm.train.objectives.base import BuildContext, ObjectiveBase, StepOutput
 from kdlm.train.objectives.kd import KD, distill_terms
 from kdlm.train.objectives.sampling import Sampling
+from kdlm.train.rollout import sample_window
 
 
 class DPKDSequence(ObjectiveBase):
@@ -52,21 +53,33 @@ class DPKDSequence(ObjectiveBase):
     def units(self, batch: dict) -> int:
         return int(batch["input_ids"].shape[0])
 
-    def prepare_window(self, window: list[dict], *, step: int, student_lm: nn.Module, process_index: int):
-        out, fresh = [], 0
+    def prepare_window(self, draw, *, step: int, student_lm: nn.Module, process_index: int):
+        """Attach the rejected y_s to every micro-batch of step ``step``; the stale ones of ALL micro-batches are
+        sampled in one call (a seed per row: the same samples as one call per micro-batch)."""
+        window = draw(step)
+        keys = [[tuple(batch["input_ids"][r, : int(batch["prompt_lengths"][r])].tolist())
+                 for r in range(batch["input_ids"].shape[0])] for batch in window]
+        stale = {micro: [r for r, key in enumerate(rows) if key not in self._rejected
+                         or step - self._rejected[key][0] >= self.refresh_every]
+                 for micro, rows in enumerate(keys)}
+        stale = {micro: rows for micro, rows in stale.items() if rows}
+        fresh = 0
+        if stale:
+            # Only the stale rows are sampled, each with the seed of its place in the step (micro-batch, row).
+            subsets = {micro: {k: v[rows] for k, v in window[micro].items() if torch.is_tensor(v)}
+                       for micro, rows in stale.items()}
+            seeds = [[self.sampler.row_seeds("student", step, process_index, micro, len(window[micro]["input_ids"]))[r]
+                      for r in rows] for micro, rows in stale.items()]
+            sampled, _ = sample_window(student_lm, list(subsets.values()), seeds, self.sampler.settings(student_lm),
+                                       engine=self.sampler.engine)
+            for (micro, rows), batch in zip(stale.items(), sampled):
+                for index, r in enumerate(rows):
+                    completion = batch["input_ids"][index][batch["labels"][index] != IGNORE].tolist()
+                    self._rejected[keys[micro][r]] = (step, completion)
+                    fresh += 1
+        out = []
         for micro, batch in enumerate(window):
-            keys = [tuple(batch["input_ids"][r, : int(batch["prompt_lengths"][r])].tolist())
-                    for r in range(batch["input_ids"].shape[0])]
-            stale = [k not in self._rejected or step - self._rejected[k][0] >= self.refresh_every for k in keys]
-            if any(stale):
-                sampled, _ = self.sampler.sample(student_lm, batch, step=step, process_index=process_index,
-                                                 micro=micro, who="student")
-                for r, key in enumerate(keys):
-                    if stale[r]:
-                        completion = sampled["input_ids"][r][sampled["labels"][r] != IGNORE].tolist()
-                        self._rejected[key] = (step, completion)
-                        fresh += 1
-            rejected = self._rejected_batch(batch, keys)
+            rejected = self._rejected_batch(batch, keys[micro])
             out.append({**batch, **{f"rejected_{k}": v for k, v in rejected.items()}})
             if self.plain_text is not None:
                 out[-1].update(self.plain_text.batch(step, process_index, micro, batch["input_ids"].device))
@@ -137,8 +150,9 @@ class DPKDToken(KD):
             out.metrics["lm"] = float(lm_mean.detach() * units)
         return out
 
-    def prepare_window(self, window: list[dict], *, step: int, student_lm: nn.Module, process_index: int):
+    def prepare_window(self, draw, *, step: int, student_lm: nn.Module, process_index: int):
         """With ``lm_data``: attach a plain-text batch to every micro-batch (``lm_*`` keys)."""
+        window = draw(step)
         if self.plain_text is not None:
             for micro, batch in enumerate(window):
                 batch.update(self.plain_text.batch(step, process_index, micro, batch["input_ids"].device))

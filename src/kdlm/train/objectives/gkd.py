@@ -5,7 +5,14 @@
   (no gradient through sampling; prompt masked; tokens after the first stop token masked), else the dataset's
   responses are used, or, with ``seq_kd``, responses sampled from the teacher. The loss is
   ``(1 − kd_ratio)·CE + kd_ratio·D(p‖q)`` on those tokens (gkd's default kd_ratio is 1: pure divergence, the
-  paper's). Each process samples with its own seed (``seed``, step, process, micro-batch).
+  paper's). Each row is sampled with its own seed (``seed``, step, process, micro-batch, row).
+* **Steps per generation** (``sampling.steps_per_generation`` = k, default 1): at the start of every k-step
+  window the student samples the responses of all the window's on-policy steps (all their micro-batches) in one
+  call; step t + j trains on samples of the student of step t (staleness j). k = 1 is exactly on-policy (one
+  call per optimizer step). Each step keeps its own coin: off-policy steps of a window use the dataset (or the
+  teacher's samples, drawn at that step). Logged: ``gkd/staleness`` and, on stale steps, the mean and standard
+  deviation of the per-token log-ratio log q_train(y) − log q_sample(y) (:class:`OffPolicyStats`); 0 on fresh
+  steps, where the sampling weights are the training weights.
 * **GKD + reward** (``objective.reward_fn``, ``reward_alpha`` = α): on the student's samples the objective
   maximises ``(1 − α)·E[r(y)] − α·E[D]``. The reward's gradient is estimated with REINFORCE and a leave-one-out
   baseline (RLOO: Kool et al. 2019; Ahmadian et al. 2024): advantage ``A_i = r_i − mean_{j≠i} r_j`` over the
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 import random
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -28,7 +35,7 @@ from kdlm.config import ConfigError, ObjectiveConfig
 from kdlm.data.format import IGNORE
 from kdlm.train.objectives.base import BuildContext, StepOutput
 from kdlm.train.objectives.kd import KD
-from kdlm.train.objectives.sampling import Sampling, _seed
+from kdlm.train.objectives.sampling import OffPolicyStats, Sampling, StepBuffer, Window, _seed
 
 
 def load_reward_fn(path: str) -> Callable[[list[str], list[str]], list[float]]:
@@ -54,26 +61,44 @@ class GKD(KD):
         self.reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
         self.reward_alpha = cfg.setting("reward_alpha")
         self.seed = context.seed
+        self.buffer = StepBuffer(self.sampler.steps_per_generation)
+        self.offpolicy = OffPolicyStats(context.vocab_size)
+        self._step_stats: dict[str, float] = {}
+        self._measure = False
 
-    def prepare_window(self, window: list[dict], *, step: int, student_lm: nn.Module, process_index: int):
-        # One coin per optimizer step, from (seed, step) only: every process takes the same branch.
-        on_policy = random.Random(_seed(self.seed, "gkd-coin", step)).random() < self.lmbda
-        stats: dict[str, float] = {"gkd/on_policy": float(on_policy)}
-        source = student_lm if on_policy else (self.teacher if self.seq_kd else None)
-        if source is not None:
-            who = "student" if on_policy else "teacher"
-            sampled, generated, seconds = [], 0, 0.0
-            for micro, batch in enumerate(window):
-                new_batch, rollout = self.sampler.sample(source, batch, step=step, process_index=process_index,
-                                                         micro=micro, who=who)
-                generated += rollout.generated_tokens
-                seconds += rollout.wall_seconds
-                sampled.append(new_batch)
-            window = sampled
-            self.sampler.keep_samples(window[0], step, who, process_index)
-            rows = sum(b["input_ids"].shape[0] for b in window)
-            stats.update({"gkd/generated_tokens_per_s": generated / max(seconds, 1e-9),
-                          "gkd/mean_completion_length": generated / max(rows, 1)})
+    def coin(self, step: int) -> bool:
+        """Whether step ``step`` trains on the student's samples: from (seed, step) only, the same on every process."""
+        return random.Random(_seed(self.seed, "gkd-coin", step)).random() < self.lmbda
+
+    def prepare_window(self, draw: Callable[[int], Optional[Window]], *, step: int, student_lm: nn.Module,
+                       process_index: int):
+        stats: dict[str, float] = {}
+        device = next(student_lm.parameters()).device
+        entry = self.buffer.pop(step, device)
+        if entry is None:  # a new window: draw its steps and sample all their on-policy micro-batches at once
+            stats.update(self._sample_window(draw, step, student_lm, process_index))
+            entry = self.buffer.pop(step, device)
+        window, sampled_at = entry
+        on_policy = self.coin(step)
+        stats["gkd/on_policy"] = float(on_policy)
+        self.offpolicy.reset()
+        self._step_stats, self._measure = stats, False
+        if on_policy:
+            staleness = step - sampled_at
+            stats["gkd/staleness"] = float(staleness)
+            stats["gkd/mean_completion_length"] = (sum(int((b["labels"] != IGNORE).sum()) for b in window)
+                                                   / max(sum(b["input_ids"].shape[0] for b in window), 1))
+            # Fresh samples come from the very weights being trained: the log-ratio is 0 by construction.
+            stats.update({"gkd/log_ratio_mean": 0.0, "gkd/log_ratio_std": 0.0})
+            self._measure = staleness > 0  # measured by __call__, during the loss's forward pass
+            self.sampler.keep_samples(window[0], step, "student", process_index)
+        elif self.seq_kd:
+            sampled, rollout = self.sampler.sample_steps(self.teacher, {step: window}, who="teacher",
+                                                         process_index=process_index)
+            window = sampled[step]
+            stats.update({"gkd/generated_tokens_per_s": rollout.tokens_per_s,
+                          "gkd/mean_completion_length": rollout.mean_completion_length})
+            self.sampler.keep_samples(window[0], step, "teacher", process_index)
         if self.reward_fn is not None:
             rewards = []
             for batch in window:
@@ -84,12 +109,44 @@ class GKD(KD):
                 stats["gkd/reward"] = sum(rewards) / len(rewards)
         return window, stats
 
+    def _sample_window(self, draw: Callable[[int], Optional[Window]], step: int, student_lm: nn.Module,
+                       process_index: int) -> dict[str, float]:
+        """Draw the steps of the window starting at ``step`` (up to the last step of training), sample their
+        on-policy micro-batches in one call with the current student, and buffer every step; returns the call's
+        stats."""
+        windows: dict[int, Window] = {}
+        for s in self.buffer.window_steps(step):
+            drawn = draw(s)
+            if drawn is None:  # past the last step of training
+                break
+            windows[s] = drawn
+        on = {s: w for s, w in windows.items() if self.coin(s)}
+        sampled, stats = {}, {}
+        if on:
+            sampled, rollout = self.sampler.sample_steps(student_lm, on, who="student", process_index=process_index)
+            stats = {"gkd/generated_tokens_per_s": rollout.tokens_per_s, "gkd/sampled_steps": float(len(on)),
+                     "gkd/sampled_sequences": float(rollout.sequences)}
+        for s, window in windows.items():
+            self.buffer.put(s, sampled.get(s, window), step if s in on else None)
+        return stats
+
+    def state_dict(self) -> dict:
+        """The steps of the current window that were drawn (and sampled) ahead: see :class:`StepBuffer`."""
+        return self.buffer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.load_state_dict(state)
+
     def kd_ratio(self, batch: dict) -> float:
         # With a reward the CE term is the RLOO policy-gradient surrogate: mix it as (1 − α)·surrogate + α·D.
         return self.reward_alpha if self.reward_fn is not None else self.cfg.kd_ratio
 
     def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
-        out = super().__call__(student, batch)
+        if self._measure:  # a stale on-policy step: how far the student moved since it sampled these tokens
+            out = self.offpolicy.measure(student, batch, lambda: super(GKD, self).__call__(student, batch))
+            self._step_stats.update(self.offpolicy.as_stats("gkd/"))  # the step's stats, logged after the step
+        else:
+            out = super().__call__(student, batch)
         if self.reward_fn is not None:  # the "ce" sum is the advantage-weighted surrogate here, not a cross-entropy
             out.metrics["pg_surrogate"] = out.metrics.pop("ce")
         return out
