@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_config
 
 from kdlm import losses
-from kdlm.cache import TeacherCache, build_cache, example_key, id_dtype
+from kdlm.cache import TeacherCache, build_cache, example_key, id_dtype, shard_owner
 from kdlm.config import ConfigError, save_resolved
 from kdlm.errors import CacheError
 from kdlm.losses import sparse
@@ -142,6 +142,13 @@ def test_sampled_draws_only_tokens_with_mass():
     ids, counts, *_ = sparse.sampled_signal(logp, 12, uniforms, 0)
     assert set(ids[counts > 0].tolist()) <= {0, 2}
     assert (counts.sum(-1) == 12).all()
+
+
+def test_shards_are_dealt_round_robin():
+    """Shard i (the one-process layout) is written by process i mod world: any world size writes the same files."""
+    assert [shard_owner(i, 2) for i in range(5)] == [0, 1, 0, 1, 0]
+    assert [shard_owner(i, 3) for i in range(4)] == [0, 1, 2, 0]
+    assert [shard_owner(i, 1) for i in range(3)] == [0, 0, 0]
 
 
 def test_id_dtype_is_the_smallest_that_fits():
