@@ -23,6 +23,12 @@ Format (docs/cache.md has the why):
 * Shards are written to a temporary name and renamed, so a killed run leaves only whole shards; rerunning the
   same command skips them (checked against the identity) and produces the same bytes as one uninterrupted run
   (sampling is seeded per example, batches never cross a shard boundary).
+* Several processes (torchrun): shard i is written by process i mod world size (:func:`shard_owner`); process 0
+  checks the folder before and writes the manifest after, so the files equal the one-process cache's.
+* With ``objective.cross_tokenizer`` the examples are the teacher's own sequences (its tokenizer and template) and
+  each row also holds ``own``, the log-prob of the teacher's own next token (docs/cache.md: what is exact).
+* The teacher's signal comes from a *source* (:class:`LiveTeacher`: the model run here) through one method,
+  ``signals(examples)``; a different source plugs in beside it.
 """
 
 from __future__ import annotations
