@@ -295,6 +295,10 @@ class _Processes:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available() and local >= torch.cuda.device_count():
+            raise CacheError(f"kdlm cache-teacher: process LOCAL_RANK={local} has no GPU of its own "
+                             f"({torch.cuda.device_count()} visible): start at most one process per GPU "
+                             "(torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPU")
         self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         self.owns_group = False
         if self.world > 1:
