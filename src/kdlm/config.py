@@ -360,7 +360,8 @@ class CacheConfig:
     """Cache folder. cache-teacher writes it (resuming a killed run); distill with it set trains from it and never runs the teacher.
     Unset: distill runs the live teacher."""
     mode: Literal["topk", "sampled"] = "topk"
-    """topk: the k most likely teacher tokens and the tail mass; sampled: tokens drawn from the teacher (unbiased, Sparse Logit Sampling)."""
+    """topk: the k most likely teacher tokens and the tail mass; sampled: tokens drawn from the teacher (unbiased, Sparse Logit Sampling).
+    objective.cross_tokenizer: topk only (stored on the teacher's own tokens)."""
     k: int = 16
     """topk: tokens stored per response token (4k + 2 bytes per token in float16)."""
     samples: int = 12
