@@ -82,13 +82,17 @@ class VocabMap:
                         self.teacher_rest.to(device), self.identity)
 
 
-def sorted_l1(teacher_probs: Tensor, student_probs: Tensor) -> Tensor:
-    """Σ_i |p_(i) − q_(i)| over the probabilities sorted in decreasing order, the shorter padded with zeros [..]."""
+def _sorted_pair(teacher_probs: Tensor, student_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Both sorted in decreasing order, the shorter padded with zeros to the longer's width."""
     p = teacher_probs.sort(dim=-1, descending=True).values
     q = student_probs.sort(dim=-1, descending=True).values
     width = max(p.shape[-1], q.shape[-1])
-    p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
-    q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+    return torch.nn.functional.pad(p, (0, width - p.shape[-1])), torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+
+
+def sorted_l1(teacher_probs: Tensor, student_probs: Tensor) -> Tensor:
+    """Σ_i |p_(i) − q_(i)| over the probabilities sorted in decreasing order, the shorter padded with zeros [..]."""
+    p, q = _sorted_pair(teacher_probs, student_probs)
     return (p - q).abs().sum(-1)
 
 
@@ -138,26 +142,28 @@ def hybrid_divergence(student_logits: Tensor, teacher_logits: Tensor, *, tempera
 # --------------------------------------------------------------------------------------------------
 
 
-def _spread_tail(tail_logp: Tensor, listed: Tensor, teacher_vocab: int) -> Tensor:
-    """[..] the probability each teacher token outside the stored top-k is given: the tail mass r spread evenly,
-    r / (V_T − k). Never above the k-th stored probability (r is the sum of V_T − k probabilities each ≤ p_(k)),
-    so the sorted order of the stored ones is kept; 0 when k = V_T."""
-    return tail_logp.exp() / (teacher_vocab - listed).clamp_min(1).to(tail_logp.dtype)
+def sorted_l1_with_tail(known: Tensor, count: Tensor, tail: Tensor, student_probs: Tensor) -> Tensor:
+    """:func:`sorted_l1` when only the teacher's ``count`` [N] largest probabilities are known (``known`` [N, m],
+    sorted or not, zeros beyond each row's count) and the mass ``tail`` [N] of all its others:
+
+        Σ_{i ≤ c} |p_(i) − q_(i)| + |tail − Σ_{i > c} q_(i)|,
+
+    the ranks after c compared as one bucket each side. Since Σ|a_i − b_i| ≥ |Σ a_i − Σ b_i| this is a lower bound
+    of the full sorted distance, below it by at most 2·min(tail, Σ_{i > c} q_(i)); equal to it when ``tail`` = 0."""
+    p, q = _sorted_pair(known, student_probs)
+    head = torch.arange(p.shape[-1], device=p.device) < count.unsqueeze(-1)
+    return torch.where(head, (p - q).abs(), 0.0).sum(-1) + (tail - torch.where(head, 0.0, q).sum(-1)).abs()
 
 
-def uld_topk(student_logits: Tensor, teacher_payload: Tensor, *, temperature: float = 1.0, aux: dict | None = None,
-             teacher_vocab: int) -> Tensor:
-    """ULD (:func:`uld_distance`) against a cached teacher (:mod:`kdlm.losses.sparse` payload [N, 2k + 1], at τ).
-
-    The teacher's sorted vector is its k stored probabilities (exact) followed by V_T − k copies of
-    :func:`_spread_tail`. Exact when k = V_T. Otherwise only the ranks after k are approximated: the absolute error
-    of the per-token value is at most Σ_{i>k} |p_(i) − r/(V_T − k)| ≤ 2r, r the teacher's tail mass.
-    """
+def uld_topk(student_logits: Tensor, teacher_payload: Tensor, *, temperature: float = 1.0, aux: dict | None = None) -> Tensor:
+    """ULD (:func:`uld_distance`) against a cached teacher (:mod:`kdlm.losses.sparse` payload [N, 2k + 1], at τ):
+    the teacher's k largest probabilities exactly, its tail mass r against the student's mass after rank k
+    (:func:`sorted_l1_with_tail`). Exact when k = V_T; otherwise a lower bound, below by at most 2·min(r, the
+    student's mass after rank k) ≤ 2r."""
     _, logp, tail = sparse.unpack_payload(teacher_payload)
-    listed = (logp > float("-inf")).sum(-1)
-    width = teacher_vocab - logp.shape[-1]
-    fill = _spread_tail(tail, listed, teacher_vocab).unsqueeze(-1).expand(-1, width)
-    return sorted_l1(torch.cat([logp.exp(), fill], dim=-1), log_probs(student_logits, temperature).exp())
+    listed = logp > float("-inf")
+    return sorted_l1_with_tail(torch.where(listed, logp.exp(), 0.0), listed.sum(-1), tail.exp(),
+                               log_probs(student_logits, temperature).exp())
 
 
 def hybrid_topk(student_logits: Tensor, teacher_payload: Tensor, *, temperature: float = 1.0, aux: dict | None = None,
@@ -167,12 +173,14 @@ def hybrid_topk(student_logits: Tensor, teacher_payload: Tensor, *, temperature:
     """:func:`hybrid_divergence` against a cached teacher's top-k (payload [N, 2k + 1], at τ).
 
     The divergence part compares both models collapsed onto the *shared tokens among the stored top-k* (each teacher
-    id with its paired student id, ``teacher_to_student``) plus one bucket for everything else on each side; the ULD
-    part compares the teacher's unshared probabilities (the stored ones, plus :func:`_spread_tail` for each unshared
-    token outside the top-k) with the student's. With k = V_T both parts equal the live ones (the partition is the
-    live one: every shared token listed, the bucket = the unshared mass). With k < V_T the divergence part uses a
-    coarser partition (shared tokens outside the top-k join the bucket): for an f-divergence a lower bound of the
-    live value; the ULD part is approximate as in :func:`uld_topk`.
+    id with its paired student id, ``teacher_to_student``) plus one bucket for everything else on each side. The ULD
+    part compares the teacher's unshared probabilities with the student's (:func:`sorted_l1_with_tail`): the stored
+    unshared ones are the teacher's largest unshared ones (every token outside the top-k is below them); the unshared
+    tokens outside the top-k get the share of the tail mass r that their number is of the V_T − k tokens outside it.
+    With k = V_T both parts equal the live ones (the partition is the live one: every shared token listed, the
+    bucket = the unshared mass; no tail). With k < V_T the divergence part uses a coarser partition (shared tokens
+    outside the top-k join the bucket): for an f-divergence a lower bound of the live value; the ULD part is
+    approximate (the unshared tail mass is estimated, then compared as one bucket).
     """
     fn, params = resolve_divergence(base, dict(base_params or {}))
     t_ids, logp, tail = sparse.unpack_payload(teacher_payload)
@@ -187,12 +195,12 @@ def hybrid_topk(student_logits: Tensor, teacher_payload: Tensor, *, temperature:
     value = fn(student, teacher, temperature=1.0, aux=aux, **params)  # normalised log-probs: log-softmax keeps them
     if uld_weight and (vocab_map.student_rest.numel() or vocab_map.teacher_rest.numel()):
         unshared = valid & ~shared
-        rest = vocab_map.teacher_rest.numel()
-        outside = rest - unshared.sum(-1, keepdim=True)  # unshared teacher tokens not among the stored top-k
-        spread = _spread_tail(tail, valid.sum(-1), teacher_vocab).unsqueeze(-1)
-        slots = torch.arange(rest, device=logp.device)
-        teacher_rest = torch.cat([torch.where(unshared, logp.exp(), 0.0), torch.where(slots < outside, spread, 0.0)], dim=-1)
-        value = value + uld_weight * sorted_l1(teacher_rest, s_logp.index_select(-1, vocab_map.student_rest).exp())
+        known = unshared.sum(-1)
+        outside = vocab_map.teacher_rest.numel() - known  # unshared teacher tokens not among the stored top-k
+        share = outside.to(tail.dtype) / (teacher_vocab - valid.sum(-1)).clamp_min(1).to(tail.dtype)
+        value = value + uld_weight * sorted_l1_with_tail(
+            torch.where(unshared, logp.exp(), 0.0), known, share * tail.exp(),
+            s_logp.index_select(-1, vocab_map.student_rest).exp())
     return value
 
 
@@ -304,7 +312,7 @@ def cross_tokenizer_terms(
     params = dict(params or {})
     cached = teacher_signal is not None
     if method == "uld":
-        pair_fn, pair_params = (uld_topk, dict(teacher_vocab=teacher_vocab)) if cached else (uld_distance, {})
+        pair_fn, pair_params = (uld_topk if cached else uld_distance), {}
     else:
         if vocab_map is None:
             raise ValueError("cross_tokenizer 'align' needs the vocab_map")
