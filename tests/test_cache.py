@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_config
 
 from kdlm import losses
-from kdlm.cache import TeacherCache, build_cache, example_key, id_dtype
+from kdlm.cache import TeacherCache, build_cache, example_key, id_dtype, shard_owner
 from kdlm.config import ConfigError, save_resolved
 from kdlm.errors import CacheError
 from kdlm.losses import sparse
@@ -142,6 +142,13 @@ def test_sampled_draws_only_tokens_with_mass():
     ids, counts, *_ = sparse.sampled_signal(logp, 12, uniforms, 0)
     assert set(ids[counts > 0].tolist()) <= {0, 2}
     assert (counts.sum(-1) == 12).all()
+
+
+def test_shards_are_dealt_round_robin():
+    """Shard i (the one-process layout) is written by process i mod world: any world size writes the same files."""
+    assert [shard_owner(i, 2) for i in range(5)] == [0, 1, 0, 1, 0]
+    assert [shard_owner(i, 3) for i in range(4)] == [0, 1, 2, 0]
+    assert [shard_owner(i, 1) for i in range(3)] == [0, 0, 0]
 
 
 def test_id_dtype_is_the_smallest_that_fits():
@@ -383,7 +390,7 @@ def test_torn_missing_and_escaping_shards_are_refused(tiny, tmp_path):
         TeacherCache(folder)
 
 
-def test_missing_cache_and_config_errors(tiny, tmp_path, monkeypatch):
+def test_missing_cache_and_config_errors(tiny, tmp_path):
     cfg = _cache_cfg(tiny, tmp_path, **{"cache.dir": str(tmp_path / "nothing")})
     with pytest.raises(ConfigError, match="cache.dir: .*nothing does not exist.*kdlm cache-teacher"):
         distill(cfg)  # checked before any model is loaded
@@ -396,10 +403,9 @@ def test_missing_cache_and_config_errors(tiny, tmp_path, monkeypatch):
         _cache_cfg(tiny, tmp_path, **{"cache.mode": "sampled", "objective.divergence": "rkl"})
     with pytest.raises(ConfigError, match="data.mixing"):
         _cache_cfg(tiny, tmp_path, **{"data.mixing.strategy": "ddk"})
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(CacheError, match="one process"):
-        build_cache(_cache_cfg(tiny, tmp_path, **{"cache.dir": str(tmp_path / "multi")}))
-    assert not (tmp_path / "multi").exists()
+    with pytest.raises(ConfigError, match="cross_tokenizer with a teacher cache needs cache.mode=topk"):
+        _cache_cfg(tiny, tmp_path, **{"cache.mode": "sampled", "objective.cross_tokenizer": "uld",
+                                      "student.init": "pretrained", "student.name_or_path": str(tiny["student"])})
 
 
 def test_cached_run_evaluates_without_a_teacher(tiny, tmp_path):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -31,15 +31,16 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _launch(config_file: Path, processes: int, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """torchrun ``kdlm distill`` in its own session; on timeout the whole process group (torchrun and every worker)
-    is killed and the test fails with the captured output (subprocess.run's timeout would kill torchrun only, and a
-    hung worker would outlive the test)."""
+def _launch(config_file: Path, processes: int, *extra: str, timeout: float = 600, kdlm_command: str = "distill",
+            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """torchrun ``kdlm distill`` (or ``kdlm_command``) in its own session, with ``env`` added to the environment; on
+    timeout the whole process group (torchrun and every worker) is killed and the test fails with the captured output
+    (subprocess.run's timeout would kill torchrun only, and a hung worker would outlive the test)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_port", str(random.randint(20000, 40000)), "-m", "kdlm", "distill", "--config", str(config_file), *extra,
+        "--master_port", str(random.randint(20000, 40000)), "-m", "kdlm", kdlm_command, "--config", str(config_file), *extra,
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)
     try:

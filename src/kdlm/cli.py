@@ -138,10 +138,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             distill(cfg)
         elif command == "cache-teacher":
+            import logging
+            import os
+
             from kdlm.cache import build_cache
             from kdlm.logs import setup_logging
 
-            setup_logging()
+            # Under torchrun every process runs it: process 0 tells the story, the others only warn.
+            setup_logging(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
             build_cache(cfg)
         else:
             from kdlm.eval.run import evaluate_command

@@ -364,7 +364,8 @@ class CacheConfig:
     """Cache folder. cache-teacher writes it (resuming a killed run); distill with it set trains from it and never runs the teacher.
     Unset: distill runs the live teacher."""
     mode: Literal["topk", "sampled"] = "topk"
-    """topk: the k most likely teacher tokens and the tail mass; sampled: tokens drawn from the teacher (unbiased, Sparse Logit Sampling)."""
+    """topk: the k most likely teacher tokens and the tail mass; sampled: tokens drawn from the teacher (unbiased, Sparse Logit Sampling).
+    objective.cross_tokenizer: topk only (stored on the teacher's own tokens)."""
     k: int = 16
     """topk: tokens stored per response token (4k + 2 bytes per token in float16)."""
     samples: int = 12
@@ -490,8 +491,9 @@ def validate(cfg: Config) -> Config:
             errors.append("objective.beta/alpha/mu have no effect with objective.cross_tokenizer=uld (it uses no divergence)")
         if not o.fused or o.compile:
             errors.append("objective.cross_tokenizer runs on the fused path, uncompiled: set objective.fused=true, objective.compile=false")
-        if cfg.cache.dir is not None:
-            errors.append("objective.cross_tokenizer with cache.dir: training from a teacher cache across tokenizers is not supported yet")
+        if cfg.cache.dir is not None and cfg.cache.mode != "topk":
+            errors.append("objective.cross_tokenizer with a teacher cache needs cache.mode=topk (ULD and the shared-vocabulary "
+                          "terms read the teacher's top-k and tail mass; a sampled estimate has no sorted probabilities)")
         if d.mixing.strategy != "none":
             errors.append("objective.cross_tokenizer with data.mixing: DDK's perplexities need one tokenizer; unset one of them")
     if o.uld_weight is not None and (o.cross_tokenizer != "align" or o.uld_weight < 0):

@@ -496,7 +496,7 @@ def load_models(cfg: Config, teacher_needed: bool = True, teacher: Optional[nn.M
         teacher_vocab = max(teacher_tokenizer.get_vocab().values()) + 1
         vocab_size = max(tokenizer.get_vocab().values()) + 1
         student = load_model(s.name_or_path, dtype=s.dtype, **source(s))
-        if output_rows(teacher) < teacher_vocab:
+        if teacher is not None and output_rows(teacher) < teacher_vocab:  # None: training from a teacher cache
             raise ModelError(f"the teacher's output layer has {output_rows(teacher)} rows but its tokenizer has {teacher_vocab} tokens")
     else:
         vocab_size = check_same_tokenizer(tokenizer, load_tokenizer(s.name_or_path, **source(s)))

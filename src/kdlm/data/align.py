@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from kdlm.data.format import DropCounts, Tokenized, collate, tokenize_examples
+from kdlm.data.format import IGNORE, DropCounts, Tokenized, collate, tokenize_examples
 from kdlm.data.sources import Example
 from kdlm.errors import DataError
 
@@ -287,6 +287,11 @@ class PairedTokenized(Tokenized):
     student_segments: list[int] = field(default_factory=list)
     teacher_segments: list[int] = field(default_factory=list)
 
+    @property
+    def teacher_labels(self) -> list[int]:
+        """The teacher sequence's labels as :class:`Tokenized` has them (IGNORE on its prompt): the teacher cache's key."""
+        return [IGNORE] * self.teacher_prompt_length + self.teacher_input_ids[self.teacher_prompt_length:]
+
 
 def _alignment_lists(segments: list[Segment], s_text: int, t_text: int, s_kept: int, t_kept: int):
     """pair / segment lists (see :class:`PairedTokenized`) for response lengths ``*_kept`` (text tokens + eos,
@@ -359,7 +364,8 @@ def tokenize_pairs(
 def collate_pairs(items: list[PairedTokenized], pad_id: int, teacher_pad_id: int) -> dict[str, torch.Tensor]:
     """:func:`kdlm.data.format.collate` of the student side, plus the teacher side and the alignment:
 
-    * ``teacher_input_ids`` / ``teacher_attention_mask`` [B, L_T] (right-padded);
+    * ``teacher_input_ids`` / ``teacher_attention_mask`` / ``teacher_labels`` [B, L_T] (right-padded; the labels
+      IGNORE on the teacher's prompt and padding, as ``labels``);
     * ``xtok_pair`` [B, L_S]: at a student token position, the row of ``teacher_hidden[:, :-1].reshape(-1, H)``
       that predicts the teacher token starting the same segment (−1: none) — read it like the labels, ``[:, 1:]``;
     * ``xtok_student_segment`` [B, L_S] / ``xtok_teacher_segment`` [B, L_T]: the segment of each token position,
@@ -370,6 +376,7 @@ def collate_pairs(items: list[PairedTokenized], pad_id: int, teacher_pad_id: int
     rows, s_width = len(items), batch["input_ids"].shape[1]
     teacher_ids = torch.full((rows, width), teacher_pad_id, dtype=torch.long)
     teacher_mask = torch.zeros((rows, width), dtype=torch.long)
+    teacher_labels = torch.full((rows, width), IGNORE, dtype=torch.long)
     pair = torch.full((rows, s_width), -1, dtype=torch.long)
     s_seg = torch.full((rows, s_width), -1, dtype=torch.long)
     t_seg = torch.full((rows, width), -1, dtype=torch.long)
@@ -378,6 +385,7 @@ def collate_pairs(items: list[PairedTokenized], pad_id: int, teacher_pad_id: int
         n, s0, t0 = len(item.teacher_input_ids), item.prompt_length, item.teacher_prompt_length
         teacher_ids[row, :n] = torch.tensor(item.teacher_input_ids)
         teacher_mask[row, :n] = 1
+        teacher_labels[row, :n] = torch.tensor(item.teacher_labels)
         for j, i in enumerate(item.pair):
             if i >= 0:  # teacher token t0 + i is predicted by teacher row t0 + i − 1
                 pair[row, s0 + j] = row * (width - 1) + t0 + i - 1
@@ -389,6 +397,6 @@ def collate_pairs(items: list[PairedTokenized], pad_id: int, teacher_pad_id: int
             if k >= 0:
                 t_seg[row, t0 + i] = offset + k
         offset += max(local) + 1 if local else 0
-    batch.update(teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask, xtok_pair=pair,
+    batch.update(teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask, teacher_labels=teacher_labels, xtok_pair=pair,
                  xtok_student_segment=s_seg, xtok_teacher_segment=t_seg)
     return batch

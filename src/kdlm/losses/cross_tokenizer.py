@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from kdlm.losses import sparse
 from kdlm.losses.divergences import log_probs, resolve_divergence
 from kdlm.losses.fused import _transform, fused_kd_terms
 from kdlm.losses.reduce import KDTerms
@@ -71,18 +72,27 @@ class VocabMap:
         identity = student_vocab == teacher_vocab == len(pairs) and bool((s_ids == t_ids).all())
         return cls(s_ids, t_ids, s_rest, t_rest, identity)
 
+    def teacher_to_student(self, teacher_vocab: int) -> Tensor:
+        """[V_T] long: the student id paired with each teacher id, −1 for teacher ids with no counterpart."""
+        table = torch.full((teacher_vocab,), -1, dtype=torch.long, device=self.teacher_ids.device)
+        return table.index_copy(0, self.teacher_ids, self.student_ids)
+
     def to(self, device) -> "VocabMap":
         return VocabMap(self.student_ids.to(device), self.teacher_ids.to(device), self.student_rest.to(device),
                         self.teacher_rest.to(device), self.identity)
 
 
-def sorted_l1(teacher_probs: Tensor, student_probs: Tensor) -> Tensor:
-    """Σ_i |p_(i) − q_(i)| over the probabilities sorted in decreasing order, the shorter padded with zeros [..]."""
+def _sorted_pair(teacher_probs: Tensor, student_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Both sorted in decreasing order, the shorter padded with zeros to the longer's width."""
     p = teacher_probs.sort(dim=-1, descending=True).values
     q = student_probs.sort(dim=-1, descending=True).values
     width = max(p.shape[-1], q.shape[-1])
-    p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
-    q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+    return torch.nn.functional.pad(p, (0, width - p.shape[-1])), torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+
+
+def sorted_l1(teacher_probs: Tensor, student_probs: Tensor) -> Tensor:
+    """Σ_i |p_(i) − q_(i)| over the probabilities sorted in decreasing order, the shorter padded with zeros [..]."""
+    p, q = _sorted_pair(teacher_probs, student_probs)
     return (p - q).abs().sum(-1)
 
 
@@ -124,6 +134,73 @@ def hybrid_divergence(student_logits: Tensor, teacher_logits: Tensor, *, tempera
     if uld_weight and (vocab_map.student_rest.numel() or vocab_map.teacher_rest.numel()):
         value = value + uld_weight * sorted_l1(t_logp.index_select(-1, vocab_map.teacher_rest).exp(),
                                                s_logp.index_select(-1, vocab_map.student_rest).exp())
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# The same distribution terms against a cached teacher (kdlm cache-teacher): top-k of the teacher + its tail mass.
+# --------------------------------------------------------------------------------------------------
+
+
+def sorted_l1_with_tail(known: Tensor, count: Tensor, tail: Tensor, student_probs: Tensor) -> Tensor:
+    """:func:`sorted_l1` when only the teacher's ``count`` [N] largest probabilities are known (``known`` [N, m],
+    sorted or not, zeros beyond each row's count) and the mass ``tail`` [N] of all its others:
+
+        Σ_{i ≤ c} |p_(i) − q_(i)| + |tail − Σ_{i > c} q_(i)|,
+
+    the ranks after c compared as one bucket each side. Since Σ|a_i − b_i| ≥ |Σ a_i − Σ b_i| this is a lower bound
+    of the full sorted distance, below it by at most 2·min(tail, Σ_{i > c} q_(i)); equal to it when ``tail`` = 0."""
+    p, q = _sorted_pair(known, student_probs)
+    head = torch.arange(p.shape[-1], device=p.device) < count.unsqueeze(-1)
+    return torch.where(head, (p - q).abs(), 0.0).sum(-1) + (tail - torch.where(head, 0.0, q).sum(-1)).abs()
+
+
+def uld_topk(student_logits: Tensor, teacher_payload: Tensor, *, temperature: float = 1.0, aux: dict | None = None) -> Tensor:
+    """ULD (:func:`uld_distance`) against a cached teacher (:mod:`kdlm.losses.sparse` payload [N, 2k + 1], at τ):
+    the teacher's k largest probabilities exactly, its tail mass r against the student's mass after rank k
+    (:func:`sorted_l1_with_tail`). Exact when k = V_T; otherwise a lower bound, below by at most 2·min(r, the
+    student's mass after rank k) ≤ 2r."""
+    _, logp, tail = sparse.unpack_payload(teacher_payload)
+    listed = logp > float("-inf")
+    return sorted_l1_with_tail(torch.where(listed, logp.exp(), 0.0), listed.sum(-1), tail.exp(),
+                               log_probs(student_logits, temperature).exp())
+
+
+def hybrid_topk(student_logits: Tensor, teacher_payload: Tensor, *, temperature: float = 1.0, aux: dict | None = None,
+                vocab_map: VocabMap, teacher_to_student: Tensor, teacher_vocab: int,
+                base: str | Callable[..., Tensor] = "fkl", base_params: Optional[dict] = None,
+                uld_weight: float = 1.0) -> Tensor:
+    """:func:`hybrid_divergence` against a cached teacher's top-k (payload [N, 2k + 1], at τ).
+
+    The divergence part compares both models collapsed onto the *shared tokens among the stored top-k* (each teacher
+    id with its paired student id, ``teacher_to_student``) plus one bucket for everything else on each side. The ULD
+    part compares the teacher's unshared probabilities with the student's (:func:`sorted_l1_with_tail`): the stored
+    unshared ones are the teacher's largest unshared ones (every token outside the top-k is below them); the unshared
+    tokens outside the top-k get the share of the tail mass r that their number is of the V_T − k tokens outside it.
+    With k = V_T both parts equal the live ones (the partition is the live one: every shared token listed, the
+    bucket = the unshared mass; no tail). With k < V_T the divergence part uses a coarser partition (shared tokens
+    outside the top-k join the bucket): for an f-divergence a lower bound of the live value; the ULD part is
+    approximate (the unshared tail mass is estimated, then compared as one bucket).
+    """
+    fn, params = resolve_divergence(base, dict(base_params or {}))
+    t_ids, logp, tail = sparse.unpack_payload(teacher_payload)
+    valid = logp > float("-inf")
+    s_ids = teacher_to_student[t_ids]
+    shared = valid & (s_ids >= 0)
+    s_logp = log_probs(student_logits, temperature)
+    student = sparse.collapse_logprobs(s_logp, s_ids.clamp_min(0), shared)
+    # The teacher's bucket: its unshared stored tokens and its tail, summed in log space (no 1 − Σ cancellation).
+    bucket = torch.logsumexp(torch.cat([logp.masked_fill(shared, float("-inf")), tail.unsqueeze(-1)], dim=-1), dim=-1)
+    teacher = sparse.collapse_teacher(logp.masked_fill(~shared, float("-inf")), bucket)
+    value = fn(student, teacher, temperature=1.0, aux=aux, **params)  # normalised log-probs: log-softmax keeps them
+    if uld_weight and (vocab_map.student_rest.numel() or vocab_map.teacher_rest.numel()):
+        unshared = valid & ~shared
+        known = unshared.sum(-1)
+        outside = vocab_map.teacher_rest.numel() - known  # unshared teacher tokens not among the stored top-k
+        share = outside.to(tail.dtype) / (teacher_vocab - valid.sum(-1)).clamp_min(1).to(tail.dtype)
+        value = value + uld_weight * sorted_l1_with_tail(
+            torch.where(unshared, logp.exp(), 0.0), known, share * tail.exp(),
+            s_logp.index_select(-1, vocab_map.student_rest).exp())
     return value
 
 
@@ -193,7 +270,7 @@ def binary_chunk_divergence(student_logp: Tensor, teacher_logp: Tensor, base: st
 def cross_tokenizer_terms(
     student_hidden: Tensor,
     student_head: Any,
-    teacher_hidden: Tensor,
+    teacher_hidden: Optional[Tensor],
     teacher_head: Any,
     pairs: Tensor,
     labels: Tensor,
@@ -209,6 +286,8 @@ def cross_tokenizer_terms(
     teacher_segments: Optional[Tensor] = None,
     teacher_targets: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
+    teacher_signal: Optional[Tensor] = None,
+    teacher_vocab: Optional[int] = None,
 ) -> KDTerms:
     """Sums over a batch of (1 − kd_ratio)·CE + kd_ratio·(distribution terms + segment terms).
 
@@ -219,6 +298,11 @@ def cross_tokenizer_terms(
     not one token on each side) and ``teacher_targets`` [N_T] the teacher rows' next tokens. ``*_head``: objects
     with ``weight``, ``bias``, ``scale``, ``softcap`` (:class:`Head`, kdlm's ``OutputHead``).
 
+    A cached teacher (``kdlm cache-teacher``): ``teacher_signal`` [N_T, 2k + 2] replaces ``teacher_hidden`` and
+    ``teacher_head`` (None): per teacher row its top-k payload (:mod:`kdlm.losses.sparse`) and, last, the log-prob
+    of its own next token; ``teacher_vocab`` is V_T. The distribution terms are then :func:`uld_topk` /
+    :func:`hybrid_topk`, the segment terms read the stored log-probs (exact).
+
     Returns :class:`KDTerms`: ``loss_sum`` (differentiable), ``divergence_sum`` (distribution + segment terms,
     detached), ``ce_sum``, ``count`` (distribution terms taken), and ``aux`` = {``xtok_segment``: segment term sum,
     ``xtok_segments``: their number}.
@@ -226,16 +310,24 @@ def cross_tokenizer_terms(
     if method not in METHODS:
         raise ValueError(f"cross_tokenizer method must be one of {METHODS}, got {method!r}")
     params = dict(params or {})
+    cached = teacher_signal is not None
     if method == "uld":
-        pair_fn, pair_params = uld_distance, {}
+        pair_fn, pair_params = (uld_topk if cached else uld_distance), {}
     else:
         if vocab_map is None:
             raise ValueError("cross_tokenizer 'align' needs the vocab_map")
-        pair_fn = hybrid_divergence
         pair_params = dict(vocab_map=vocab_map, base=divergence, base_params=params, uld_weight=uld_weight)
+        pair_fn = hybrid_divergence
+        if cached:
+            pair_fn = hybrid_topk
+            pair_params.update(teacher_to_student=vocab_map.teacher_to_student(teacher_vocab), teacher_vocab=teacher_vocab)
     mask = pairs >= 0
-    payload = teacher_hidden.detach().index_select(0, pairs.clamp_min(0))  # hidden states, not logits: [N, H_T]
-    fn = functools.partial(_with_teacher_head, teacher_head=teacher_head, pair_fn=pair_fn, pair_params=pair_params)
+    if cached:  # each paired row's stored top-k payload (the own-token column is the segment terms')
+        payload = teacher_signal[:, :-1].index_select(0, pairs.clamp_min(0))
+        fn = functools.partial(pair_fn, **pair_params)
+    else:
+        payload = teacher_hidden.detach().index_select(0, pairs.clamp_min(0))  # hidden states, not logits: [N, H_T]
+        fn = functools.partial(_with_teacher_head, teacher_head=teacher_head, pair_fn=pair_fn, pair_params=pair_params)
     terms = fused_kd_terms(
         student_hidden, student_head.weight, payload, None, mask, divergence=fn, temperature=temperature,
         labels=labels, student_bias=student_head.bias, student_logit_scale=student_head.scale,
@@ -249,9 +341,12 @@ def cross_tokenizer_terms(
         s_rows, t_rows = student_segments >= 0, teacher_segments >= 0
         step = chunk_size or 1024
         s_tok = token_logprobs(student_hidden[s_rows], student_head, labels[s_rows], temperature=temperature, chunk_size=step)
-        with torch.no_grad():
-            t_tok = token_logprobs(teacher_hidden[t_rows].detach(), teacher_head, teacher_targets[t_rows],
-                                   temperature=temperature, chunk_size=step)
+        if cached:
+            t_tok = teacher_signal[t_rows, -1]
+        else:
+            with torch.no_grad():
+                t_tok = token_logprobs(teacher_hidden[t_rows].detach(), teacher_head, teacher_targets[t_rows],
+                                       temperature=temperature, chunk_size=step)
         s_seg = s_tok.new_zeros(num).index_add(0, student_segments[s_rows], s_tok)
         t_seg = t_tok.new_zeros(num).index_add(0, teacher_segments[t_rows], t_tok)
         # A segment enters only when both sides have all of it (the data layout guarantees it; this is a guard).

@@ -68,17 +68,23 @@ def unpack_payload(payload: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return payload[..., :width].long(), payload[..., width:2 * width].float(), payload[..., 2 * width].float()
 
 
-def collapse_student(student_logits: Tensor, ids: Tensor, valid: Tensor, temperature: float = 1.0) -> Tensor:
-    """Student log-probs ``[.., m + 1]``: log softmax(z/τ) at ``ids`` (−inf where not ``valid``), then the tail bucket.
+def collapse_logprobs(logp: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
+    """Log-probs ``[.., m + 1]``: ``logp`` [.., V] at ``ids`` (−inf where not ``valid``), then the bucket of the rest.
 
-    The tail is log Σ over every token not among the valid ids, computed as a log-sum-exp with those ids masked
-    out (exact in float32 even when the ids hold almost all the mass). Differentiable in ``student_logits``.
+    The bucket is log Σ over every token not among the *valid* ids, computed as a log-sum-exp with those ids masked
+    out (exact in float32 even when the ids hold almost all the mass). Invalid slots may hold any id: they are
+    neither gathered nor masked (a token listed twice is masked once). Differentiable in ``logp``.
     """
-    logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     gathered = torch.where(valid, logp.gather(-1, ids), float("-inf"))
-    # Invalid slots repeat a valid id (see pack_payload), so masking every listed id masks exactly the valid ones.
-    tail = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
+    listed = torch.zeros_like(logp, dtype=torch.int32).scatter_add_(-1, ids, valid.to(torch.int32)) > 0
+    tail = torch.logsumexp(logp.masked_fill(listed, float("-inf")), dim=-1, keepdim=True)
     return torch.cat([gathered, tail], dim=-1)
+
+
+def collapse_student(student_logits: Tensor, ids: Tensor, valid: Tensor, temperature: float = 1.0) -> Tensor:
+    """Student log-probs ``[.., m + 1]``: log softmax(z/τ) collapsed onto the valid ``ids`` + the tail bucket
+    (:func:`collapse_logprobs`). Differentiable in ``student_logits``."""
+    return collapse_logprobs(torch.log_softmax(student_logits.float() / temperature, dim=-1), ids, valid)
 
 
 def collapse_teacher(logp: Tensor, tail_logp: Tensor) -> Tensor:
@@ -195,6 +201,7 @@ def bytes_per_token(mode: str, *, k: int = 0, samples: int = 0, top: int = 0, id
 __all__ = [
     "NEEDS_TEACHER_SUPPORT",
     "bytes_per_token",
+    "collapse_logprobs",
     "collapse_student",
     "collapse_teacher",
     "dense_payload",

@@ -319,7 +319,8 @@ def _load_models(cfg: Config, accelerator):
     if cfg.cache.dir is not None:
         from kdlm.cache import open_for_run
 
-        teacher_cache = open_for_run(cfg, models.tokenizer, models.vocab_size)  # refuses a cache built for another run
+        # The teacher's tokenizer (objective.cross_tokenizer: its own); refuses a cache built for another run.
+        teacher_cache = open_for_run(cfg, models.teacher_tokenizer or models.tokenizer, models.teacher_vocab_size or models.vocab_size)
         log.info("teacher: cached signal in %s (%s), the teacher is not run", cfg.cache.dir, teacher_cache.signal)
     return models, teacher, teacher_cache
 
