@@ -184,6 +184,10 @@ class SamplingConfig:
     """Top-k filter (0 = off)."""
     max_new_tokens: int = 128
     """Longest sampled response; it is also capped by data.max_length."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """Who samples the student's responses: hf = the student itself (transformers' generate, in the training
+    process); vllm = a vLLM server of the student beside the run (`make vllm`'s environment), its weights reloaded
+    after each optimizer step (docs/sampling.md). Same settings and seeds; different random streams."""
 
 
 @dataclass
@@ -456,6 +460,12 @@ def validate(cfg: Config) -> Config:
     sp = o.sampling
     if sp.temperature < 0 or not 0.0 < sp.top_p <= 1.0 or sp.top_k < 0 or sp.max_new_tokens < 1:
         errors.append("objective.sampling: temperature >= 0, 0 < top_p <= 1, top_k >= 0 and max_new_tokens >= 1 required")
+    if sp.engine == "vllm":
+        if not (o.name == "gkd" or (o.name == "dpkd" and o.dpkd_form == "sequence")):
+            errors.append(f"objective.sampling.engine vllm applies to gkd and dpkd_form=sequence (the objectives that "
+                          f"sample from the student), not to {o.name}")
+        if s.lora is not None:
+            errors.append("objective.sampling.engine vllm cannot serve a LoRA student (student.lora); use engine hf")
     if o.rank_k is not None and o.rank_k < 1:
         errors.append(f"objective.rank_k must be >= 1, got {o.rank_k}")
     if o.rank_weight is not None and o.rank_weight < 0:

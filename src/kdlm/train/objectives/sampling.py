@@ -37,15 +37,25 @@ class Sampling:
         self.sampling = cfg.sampling
         self.tokenizer, self.max_length, self.seed = context.tokenizer, context.max_length, context.seed
         self.samples_file = Path(context.run_dir) / "samples.jsonl" if context.run_dir else None
+        self.engine = None  # sampling.engine vllm: a server of the student, started at the first sample
+        if self.sampling.engine == "vllm":
+            from kdlm.vllm_engine import VLLMEngine  # raises ServerError (`make vllm`) without a vLLM environment
+
+            self.engine = VLLMEngine(max_model_len=(context.max_length or 2048) + self.sampling.max_new_tokens)
 
     def sample(self, model: nn.Module, batch: dict, *, step: int, process_index: int, micro: int, who: str):
         sp = self.sampling
-        return sample_responses(
-            model, batch, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p,
+        settings = dict(
+            max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p,
             top_k=sp.top_k, stop_token_ids=stop_token_ids(self.tokenizer, model),
             pad_token_id=self.tokenizer.pad_token_id, seed=_seed(self.seed, who, step, process_index, micro),
             max_length=self.max_length,
         )
+        if self.engine is not None and who == "student":  # the engine serves the student; seq_kd's teacher: hf
+            from kdlm.vllm_engine import sample_responses_vllm
+
+            return sample_responses_vllm(self.engine, model, batch, version=step, tokenizer=self.tokenizer, **settings)
+        return sample_responses(model, batch, **settings)
 
     def decode(self, batch: dict) -> tuple[list[str], list[str]]:
         """Prompts and completions (special tokens stripped) of a batch in collate's layout."""

@@ -1,0 +1,289 @@
+"""vLLM as the sampling engine for the student's rollouts (``objective.sampling.engine: vllm``).
+
+A vLLM server of the student runs beside the training process (``make vllm``'s environment, started through
+:class:`kdlm.vllm_server.VLLMServer`), and the student's weights follow it there:
+
+* **Start, lazily**: at the first sampling call the current student is written to a folder (``/dev/shm`` when it
+  exists: memory, not disk) and a server is started on it, with vLLM's development routes
+  (``VLLM_SERVER_DEV_MODE=1``) and without prefix caching (cached prefixes would hold keys and values of old
+  weights).
+* **Weight updates**: before a sampling call, when the optimizer step (``version``) differs from the last one
+  pushed, the student's weights are written to a new folder and the server reloads them in place with
+  ``POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": folder}}`` (the worker method
+  ``reload_weights`` of vLLM 0.32). Why this path: vLLM's weight-transfer engines behind ``/update_weights``
+  (``nccl``, ``ipc``, ...) need CUDA; a reload from a safetensors folder is the one that works on the CPU build.
+  The weights are written UNTIED (``tie_word_embeddings: false``, ``lm_head.weight`` a copy of the input
+  embeddings): on the CPU build a tied output layer loads no weights of its own on a reload, so its prepacked
+  matrix product keeps the OLD embeddings (measured: log-prob errors up to 3 nats after an update of the
+  embeddings; untied: 4e-5, float32 noise). Cost for the demo student: see docs/sampling.md.
+* **Sampling**: one ``POST /v1/completions`` per prompt (token ids in, ``return_token_ids``; the requests run
+  concurrently so that vLLM batches them), each with its own ``seed``; ``logprobs: 0`` returns the log-prob of
+  every sampled token under the served student at temperature 1 (vLLM's ``raw_logprobs``: the model's
+  ``log_softmax``, before temperature, top-k or top-p).
+* **Stop**: :meth:`VLLMEngine.close`, called by the garbage collector when the engine is dropped (the objective
+  at the end of a run, also a failed one) and at interpreter exit, stops the server with its process group and
+  removes the weight folders.
+
+:func:`sample_responses_vllm` has the contract of :func:`kdlm.train.rollout.sample_responses`: it runs that very
+function with the engine behind the ``model.generate`` call, so the returned batch's layout, masking and stop rules
+are the same code for both engines.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdlm.data.format import IGNORE
+from kdlm.train.rollout import RolloutStats, sample_responses
+from kdlm.vllm_server import ServerError, VLLMServer, vllm_python
+
+__all__ = ["VLLMEngine", "export_weights", "sample_responses_vllm"]
+
+SERVED_NAME = "student"
+
+
+def export_weights(model: nn.Module, folder: Path) -> None:
+    """Write ``model`` (a Hugging Face causal LM) to ``folder`` as ``model.safetensors`` + ``config.json``, untied.
+
+    The output layer is written as its own ``lm_head.weight`` and the config says ``tie_word_embeddings: false``
+    (see the module docstring for why); ``quantization_config`` is dropped (vLLM would read the weights as
+    quantised). Tensors are written in the model's dtype, on the CPU.
+    """
+    from safetensors.torch import save_file
+
+    if hasattr(model, "peft_config"):
+        raise ServerError("sampling.engine vllm cannot serve a LoRA student yet: use sampling.engine hf")
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+        output = model.get_output_embeddings()
+        if output is not None:  # a copy: safetensors refuses two names on one storage
+            tensors["lm_head.weight"] = output.weight.detach().to("cpu").clone()
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = model.config.to_dict()
+    config["tie_word_embeddings"] = False
+    config.pop("quantization_config", None)
+    config.setdefault("architectures", [type(model).__name__])
+    if not config["architectures"]:
+        config["architectures"] = [type(model).__name__]
+    (folder / "config.json").write_text(json.dumps(config, indent=1, default=str))
+
+
+def _post(url: str, body: dict, timeout: float) -> Any:
+    """POST ``body`` as JSON; the parsed answer (None for an empty body). Failures are :class:`ServerError`."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read().decode("utf-8")
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode("utf-8", errors="replace")[:500]
+        raise ServerError(f"vLLM server refused POST {url}: HTTP {error.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise ServerError(f"vLLM server at {url} unreachable ({error}); see its log") from None
+    return json.loads(text) if text else None
+
+
+def _stop(server: VLLMServer, folder: Path) -> None:
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class VLLMEngine:
+    """A vLLM server of the student, started lazily, whose weights follow the student by optimizer step.
+
+    ``max_model_len`` bounds prompt + completion on the server (vLLM refuses longer requests; default 4096; never
+    more than the model's ``max_position_embeddings``). ``concurrency`` caps the requests in flight. ``log_path`` is the
+    server's log (default: inside the engine's temporary folder, removed with it). The vLLM environment is
+    looked up here (:func:`kdlm.vllm_server.vllm_python`), so a missing one fails before training starts.
+    """
+
+    def __init__(self, *, max_model_len: Optional[int] = None, concurrency: int = 64,
+                 log_path: Optional[str | Path] = None, startup_timeout: float = 900.0,
+                 request_timeout: float = 900.0, kv_cache_gib: int = 1):
+        vllm_python()  # a ServerError naming `make vllm` when there is no vLLM environment
+        self.max_model_len, self.concurrency = max_model_len, concurrency
+        self.log_path, self.startup_timeout, self.request_timeout = log_path, startup_timeout, request_timeout
+        self.kv_cache_gib = kv_cache_gib
+        self.server: Optional[VLLMServer] = None
+        self.folder: Optional[Path] = None
+        self.version: Optional[int] = None  # the optimizer step whose weights the server holds
+        self.pushes = 0
+        self.push_seconds = 0.0  # of the last push: writing the weights + the server's reload
+        self.last_logprobs: Optional[Tensor] = None  # see sample_responses_vllm
+        self._finalizer: Optional[weakref.finalize] = None
+
+    # --- server life --------------------------------------------------------------------------------------------
+    def _start(self, model: nn.Module, tokenizer) -> None:
+        root = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+        self.folder = Path(tempfile.mkdtemp(prefix="kdlm-vllm-", dir=root))
+        initial = self.folder / "initial"
+        export_weights(model, initial)
+        tokenizer.save_pretrained(initial)  # the server needs a tokenizer; it never re-tokenises kdlm's ids
+        positions = int(getattr(model.config, "max_position_embeddings", 4096))
+        length = min(self.max_model_len or 4096, positions)
+        self.server = VLLMServer(
+            initial, served_name=SERVED_NAME, max_model_len=length, kv_cache_gib=self.kv_cache_gib,
+            log_path=self.log_path or self.folder / "server.log", startup_timeout=self.startup_timeout,
+            env={"VLLM_SERVER_DEV_MODE": "1"},  # /collective_rpc, for the weight reloads
+            # No prefix cache (its keys/values would outlive a weight update); the model's generation config
+            # must not add sampling defaults (e.g. a repetition penalty) to kdlm's settings.
+            extra_args=["--no-enable-prefix-caching", "--generation-config", "vllm"],
+        )
+        self._finalizer = weakref.finalize(self, _stop, self.server, self.folder)
+        self.server.start()
+
+    def close(self) -> None:
+        """Stop the server (its whole process group) and remove the weight folders; safe to call twice."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self.server, self.version = None, None
+
+    @property
+    def url(self) -> str:
+        if self.server is None:
+            raise ServerError("the vLLM engine has no server: call sync(model, version, tokenizer) first")
+        return self.server.url
+
+    def sync(self, model: nn.Module, version: int, tokenizer) -> None:
+        """Make the server hold ``model``'s weights: start it at the first call, else reload the weights when
+        ``version`` (the optimizer step the caller samples at) differs from the last one pushed."""
+        if self.server is None:
+            started = time.perf_counter()
+            self._start(model, tokenizer)
+            self.version, self.push_seconds = version, time.perf_counter() - started
+            return
+        if version == self.version:
+            self.push_seconds = 0.0
+            return
+        started = time.perf_counter()
+        folder = self.folder / f"push-{self.pushes + 1}"
+        export_weights(model, folder)
+        _post(f"{self.url}/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}},
+              self.request_timeout)
+        previous = self.folder / f"push-{self.pushes}"
+        shutil.rmtree(previous, ignore_errors=True)  # the server read it at the previous reload
+        self.pushes += 1
+        self.version, self.push_seconds = version, time.perf_counter() - started
+
+    # --- requests -----------------------------------------------------------------------------------------------
+    def complete(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], *, max_new_tokens: int,
+                 temperature: float, top_p: float, top_k: int,
+                 stop_token_ids: Sequence[int]) -> list[tuple[list[int], list[float]]]:
+        """For each prompt (token ids), the sampled token ids (up to and including the first stop token) and the
+        log-prob of each under the served model at temperature 1. ``seeds[b]`` seeds prompt ``b``'s request;
+        ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` are off."""
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        stops = [int(i) for i in stop_token_ids]
+
+        def one(index: int) -> tuple[list[int], list[float]]:
+            body = {"model": SERVED_NAME, "prompt": [int(i) for i in prompts[index]], "max_tokens": max_new_tokens,
+                    "temperature": float(temperature), "top_p": float(top_p), "top_k": int(top_k),
+                    "seed": int(seeds[index]), "stop_token_ids": stops, "repetition_penalty": 1.0,
+                    "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False}
+            answer = _post(f"{self.url}/v1/completions", body, self.request_timeout)
+            try:
+                choice = answer["choices"][0]
+                ids = [int(i) for i in choice["token_ids"]]
+                logprobs = [float(v) for v in choice["logprobs"]["token_logprobs"]]
+            except (KeyError, IndexError, TypeError, ValueError) as error:
+                raise ServerError(f"malformed vLLM answer to prompt {index} ({error!r}): {str(answer)[:300]}") from None
+            if not ids or len(logprobs) != len(ids) or len(ids) > max_new_tokens:
+                raise ServerError(f"malformed vLLM answer to prompt {index}: {len(ids)} tokens, {len(logprobs)} "
+                                  f"log-probs, max_tokens {max_new_tokens}")
+            if len(ids) < max_new_tokens and ids[-1] not in stops:
+                # Cut for another reason than the budget (e.g. the server's max_model_len): kdlm would read the
+                # padding after it as a stop, so refuse instead.
+                raise ServerError(f"vLLM stopped prompt {index} after {len(ids)} of {max_new_tokens} tokens without "
+                                  f"a stop token (finish_reason {choice.get('finish_reason')!r}); raise the engine's "
+                                  "max_model_len or shorten data.max_length")
+            return ids, logprobs
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
+            return list(pool.map(one, range(len(prompts))))
+
+    def prompt_logprobs(self, ids: Sequence[int]) -> list[float]:
+        """log p(ids[t] | ids[:t]) under the served model for t = 1 .. len(ids)-1 (float32, temperature 1)."""
+        body = {"model": SERVED_NAME, "prompt": [int(i) for i in ids], "max_tokens": 1, "prompt_logprobs": 0,
+                "temperature": 0.0}
+        entries = _post(f"{self.url}/v1/completions", body, self.request_timeout)["choices"][0]["prompt_logprobs"]
+        return [float(entries[t][str(int(ids[t]))]["logprob"]) for t in range(1, len(ids))]
+
+
+class _EnginePolicy(nn.Module):
+    """Stands in for the student in :func:`kdlm.sampler.sample_tokens`: its ``generate`` asks the engine.
+
+    It has no parameters (so sampling happens on the prompts' device and only the CPU RNG is seeded): the seed of
+    each prompt's request is drawn from the CPU RNG that ``sample_tokens`` seeded, so the samples are a function
+    of the caller's seed alone, as with the hf engine. The log-probs of the last call are kept in ``logprobs``
+    ([B, T], aligned with the returned completion columns, 0 on padding).
+    """
+
+    def __init__(self, engine: VLLMEngine):
+        super().__init__()
+        self.engine = engine
+        self.logprobs: Optional[Tensor] = None
+
+    def generate(self, *, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                 eos_token_id: Sequence[int], pad_token_id: int, use_cache: bool = True,
+                 repetition_penalty: float = 1.0, do_sample: bool = False, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0) -> Tensor:
+        if repetition_penalty != 1.0:
+            raise ValueError("the vLLM engine samples without a repetition penalty")
+        rows = input_ids.shape[0]
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+        seeds = torch.randint(0, 2**31 - 1, (rows,)).tolist()
+        results = self.engine.complete(
+            prompts, seeds, max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+            top_p=top_p, top_k=top_k, stop_token_ids=eos_token_id)
+        width = max(len(ids) for ids, _ in results)
+        completion = torch.full((rows, width), pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros(rows, width, dtype=torch.float32)
+        for row, (ids, values) in enumerate(results):
+            completion[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            logprobs[row, :len(values)] = torch.tensor(values, dtype=torch.float32)
+        self.logprobs = logprobs
+        return torch.cat([input_ids, completion.to(input_ids.device)], dim=1)
+
+
+def sample_responses_vllm(
+    engine: VLLMEngine,
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    *,
+    version: int,
+    tokenizer,
+    **settings: Any,
+) -> tuple[dict[str, Tensor], RolloutStats]:
+    """:func:`kdlm.train.rollout.sample_responses` of ``model`` with the samples drawn by ``engine``.
+
+    ``model`` (the bare student) is pushed to the engine first when ``version`` (the optimizer step) changed since
+    the last push (:meth:`VLLMEngine.sync`); ``settings`` are ``sample_responses``' keyword arguments
+    (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``stop_token_ids``, ``pad_token_id``, ``seed``,
+    ``max_length``). Returns what ``sample_responses`` returns; ``engine.last_logprobs`` is then a float32 [B, T]
+    tensor aligned with the new batch's ``input_ids``: the served student's log-prob (temperature 1) of each
+    labelled completion token, 0 elsewhere; ``engine.push_seconds`` is the time of this call's push (0 without).
+    """
+    engine.sync(model, version, tokenizer)
+    policy = _EnginePolicy(engine)
+    new_batch, stats = sample_responses(policy, batch, **settings)
+    # Each labelled completion token's log-prob: column c of row b holds completion token c - prompt_length[b].
+    ids = new_batch["input_ids"]
+    labelled = new_batch["labels"] != IGNORE
+    offset = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) - new_batch["prompt_lengths"].unsqueeze(1)
+    source = policy.logprobs.to(ids.device)
+    gathered = source.gather(1, offset.clamp(0, source.shape[1] - 1))
+    engine.last_logprobs = torch.where(labelled, gathered, torch.zeros_like(gathered))
+    return new_batch, stats  # stats.wall_seconds: the sampling alone (the push is engine.push_seconds)
