@@ -1,4 +1,4 @@
-"""The vLLM sampling engine's fast tier (kdlm.vllm_engine): config validation, the missing-environment error before
+"""The vLLM sampling engine's fast tier (kdlm.train.vllm_engine): config validation, the missing-environment error before
 training, the untied weight export, and sample_responses_vllm's batch layout and seeds with a scripted engine.
 The slow tier (tests/test_vllm_engine_slow.py) serves the demo student for real."""
 
@@ -12,7 +12,7 @@ import torch
 from conftest import make_llama, make_tokenizer, tiny_config
 from kdlm.config import ConfigError, LoRAConfig, validate
 from kdlm.data.format import IGNORE
-from kdlm.vllm_engine import VLLMEngine, export_weights, sample_responses_vllm
+from kdlm.train.vllm_engine import VLLMEngine, export_weights, sample_responses_vllm
 from kdlm.vllm_server import ServerError
 
 
@@ -97,7 +97,7 @@ def test_engine_answer_cut_without_stop_is_refused(monkeypatch):
     engine.complete = VLLMEngine.complete.__get__(engine)  # the real checks, on a scripted answer
     engine.concurrency, engine.request_timeout = 4, 10.0
     answer = {"choices": [{"token_ids": [30], "logprobs": {"token_logprobs": [-0.5]}, "finish_reason": "length"}]}
-    monkeypatch.setattr("kdlm.vllm_engine._post", lambda url, body, timeout: answer)
+    monkeypatch.setattr("kdlm.train.vllm_engine._post", lambda url, body, timeout: answer)
     engine.server = type("FakeServer", (), {"url": "http://x"})()
     with pytest.raises(ServerError, match="stopped prompt 0 after 1 of 4 tokens without a stop token"):
         engine.complete([[5, 6]], [1], max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=[2])

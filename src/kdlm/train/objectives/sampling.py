@@ -39,7 +39,7 @@ class Sampling:
         self.samples_file = Path(context.run_dir) / "samples.jsonl" if context.run_dir else None
         self.engine = None  # sampling.engine vllm: a server of the student, started at the first sample
         if self.sampling.engine == "vllm":
-            from kdlm.vllm_engine import VLLMEngine  # raises ServerError (`make vllm`) without a vLLM environment
+            from kdlm.train.vllm_engine import VLLMEngine  # raises ServerError (`make vllm`) without a vLLM environment
 
             self.engine = VLLMEngine(max_model_len=(context.max_length or 2048) + self.sampling.max_new_tokens)
 
@@ -52,7 +52,7 @@ class Sampling:
             max_length=self.max_length,
         )
         if self.engine is not None and who == "student":  # the engine serves the student; seq_kd's teacher: hf
-            from kdlm.vllm_engine import sample_responses_vllm
+            from kdlm.train.vllm_engine import sample_responses_vllm
 
             return sample_responses_vllm(self.engine, model, batch, version=step, tokenizer=self.tokenizer, **settings)
         return sample_responses(model, batch, **settings)

@@ -110,7 +110,7 @@ class VLLMEngine:
     """
 
     def __init__(self, *, max_model_len: Optional[int] = None, concurrency: int = 64,
-                 log_path: Optional[str | Path] = None, startup_timeout: float = 900.0,
+                 log_path: Optional[str | Path] = None, startup_timeout: float = 1800.0,
                  request_timeout: float = 900.0, kv_cache_gib: int = 1):
         vllm_python()  # a ServerError naming `make vllm` when there is no vLLM environment
         self.max_model_len, self.concurrency = max_model_len, concurrency
@@ -136,7 +136,9 @@ class VLLMEngine:
         self.server = VLLMServer(
             initial, served_name=SERVED_NAME, max_model_len=length, kv_cache_gib=self.kv_cache_gib,
             log_path=self.log_path or self.folder / "server.log", startup_timeout=self.startup_timeout,
-            env={"VLLM_SERVER_DEV_MODE": "1"},  # /collective_rpc, for the weight reloads
+            # /collective_rpc (the weight reloads); vLLM's own wait for its engine core gets our start-up budget
+            # (its default of 600 s is exceeded on a loaded 2-core machine).
+            env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_ENGINE_READY_TIMEOUT_S": str(int(self.startup_timeout))},
             # No prefix cache (its keys/values would outlive a weight update); the model's generation config
             # must not add sampling defaults (e.g. a repetition penalty) to kdlm's settings.
             extra_args=["--no-enable-prefix-caching", "--generation-config", "vllm"],
