@@ -5,6 +5,7 @@ The slow tier (tests/test_vllm_engine_slow.py) serves the demo student for real.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +104,23 @@ def test_engine_answer_cut_without_stop_is_refused(monkeypatch):
         engine.complete([[5, 6]], [1], max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=[2])
     assert engine.complete([[5, 6]], [1], max_new_tokens=1, temperature=1.0, top_p=1.0, top_k=0,
                            stop_token_ids=[2]) == [([30], [-0.5])]
+
+
+def test_failed_start_stops_the_server_and_removes_the_weights(tmp_path, monkeypatch):
+    # A "vLLM python" that dies at start-up: the engine raises with the log, keeps no server, and its weight folder
+    # (written before the start) is gone.
+    script = tmp_path / "python"
+    script.write_text('#!/bin/sh\necho "RuntimeError: engine core died" >&2; exit 3\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("KDLM_VLLM_PYTHON", str(script))
+    import tempfile
+
+    made = []
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(real_mkdtemp(**kw)) or made[-1])
+    tokenizer = make_tokenizer()
+    engine = VLLMEngine(log_path=tmp_path / "server.log", startup_timeout=60)
+    with pytest.raises(ServerError, match=r"exited with code 3(.|\n)*engine core died"):
+        engine.sync(make_llama(len(tokenizer), layers=1), 0, tokenizer)
+    assert engine.server is None and engine.folder is None
+    assert len(made) == 1 and not Path(made[0]).exists()  # the weights it wrote for the server are removed

@@ -144,13 +144,17 @@ class VLLMEngine:
             extra_args=["--no-enable-prefix-caching", "--generation-config", "vllm"],
         )
         self._finalizer = weakref.finalize(self, _stop, self.server, self.folder)
-        self.server.start()
+        try:
+            self.server.start()
+        except BaseException:
+            self.close()  # the folder goes too; a later call would start anew
+            raise
 
     def close(self) -> None:
         """Stop the server (its whole process group) and remove the weight folders; safe to call twice."""
         if self._finalizer is not None:
             self._finalizer()
-        self.server, self.version = None, None
+        self.server, self.version, self.folder = None, None, None
 
     @property
     def url(self) -> str:
