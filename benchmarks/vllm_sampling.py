@@ -49,9 +49,9 @@ def main() -> None:
     del teacher
     tokenizer = load_tokenizer(DEMO_TEACHER)
     examples, _ = read_examples(DEMO_DATA, DataConfig(responses="teacher"))
-    prompts = [tokenizer.apply_chat_template(e.messages, add_generation_prompt=True, tokenize=True)
-               for e in examples[: max(args.sizes)]]
-    prompts = [p["input_ids"] if isinstance(p, dict) else list(p) for p in prompts]
+    texts = [tokenizer.apply_chat_template(e.messages, add_generation_prompt=True, tokenize=False)
+             for e in examples[: max(args.sizes)]]
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     settings = dict(max_new_tokens=args.new_tokens, temperature=0.9, top_p=1.0, top_k=0,
                     stop_token_ids=stop_token_ids(tokenizer, student), pad_token_id=tokenizer.pad_token_id)
 
