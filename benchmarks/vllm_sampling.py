@@ -62,7 +62,7 @@ def main() -> None:
         return {"input_ids": ids, "prompt_lengths": torch.tensor([len(r) for r in rows]),
                 "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])}
 
-    engine = VLLMEngine(max_model_len=1024, log_path=Path(args.out).with_suffix(".server.log"))
+    engine = VLLMEngine(max_model_len=1024)  # its log lives (and goes) with its temporary folder
     started = time.perf_counter()
     engine.sync(student, 0, tokenizer)
     startup = time.perf_counter() - started
