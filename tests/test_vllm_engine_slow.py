@@ -146,7 +146,7 @@ def test_gkd_run_samples_through_the_engine(demo, tmp_path, monkeypatch):
     cfg = Config()
     cfg.data.train, cfg.data.responses = str(data), "dataset"
     cfg.data.max_prompt_length, cfg.data.max_length = 64, 128
-    cfg.data.cache_dir = str(tmp_path / "cache")
+    # data.cache_dir stays kdlm's cache: the demo teacher is de-quantised there once (as for the fixture above)
     cfg.eval.enabled = False
     cfg.objective.name, cfg.objective.lmbda = "gkd", 1.0
     cfg.objective.sampling.engine, cfg.objective.sampling.max_new_tokens = "vllm", 12
