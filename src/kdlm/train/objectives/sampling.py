@@ -39,7 +39,7 @@ class Sampling:
         self.samples_file = Path(context.run_dir) / "samples.jsonl" if context.run_dir else None
         self.engine = None  # sampling.engine vllm: a server of the student, started at the first sample
         if self.sampling.engine == "vllm":
-            from kdlm.train.vllm_engine import VLLMEngine  # raises ServerError (`make vllm`) without a vLLM environment
+            from kdlm.train.vllm_engine import VLLMEngine  # no vLLM environment: ServerError naming `make vllm`
 
             self.engine = VLLMEngine(max_model_len=(context.max_length or 2048) + self.sampling.max_new_tokens)
 
