@@ -64,7 +64,7 @@ def main() -> None:
                 for s in range(args.k)} for w in range(2)]
 
     def sample(model, window):
-        return objective.sampler.sample_steps(model, window, who="student", process_index=0)[0]
+        return objective.sampler.sample_steps(model, window, who="student", process_index=0, now=min(window))[0]
 
     def train(sampled):
         for s in sorted(sampled):

@@ -188,6 +188,10 @@ class SamplingConfig:
     """gkd only: k. At the start of every k-step window the student samples the responses of all k optimizer steps
     (all micro-batches) in one batched call; steps t+1..t+k-1 train on samples of step t's student (logged:
     gkd/staleness, gkd/log_ratio_mean/std). 1 = exactly on-policy, still one call per accumulation window."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """Who samples the student's responses: hf = the student itself (transformers' generate, in the training
+    process); vllm = a vLLM server of the student beside the run (`make vllm`'s environment), its weights reloaded
+    after each optimizer step (docs/sampling.md). Same settings and seeds; different random streams."""
 
 
 @dataclass
@@ -466,6 +470,12 @@ def validate(cfg: Config) -> Config:
     elif sp.steps_per_generation > 1 and o.name != "gkd":
         errors.append(f"objective.sampling.steps_per_generation {sp.steps_per_generation} applies to objective.name=gkd, "
                       f"not '{o.name}' (DPKD's sequence form reuses its samples with objective.refresh_every)")
+    if sp.engine == "vllm":
+        if not (o.name == "gkd" or (o.name == "dpkd" and o.dpkd_form == "sequence")):
+            errors.append(f"objective.sampling.engine vllm applies to gkd and dpkd_form=sequence (the objectives that "
+                          f"sample from the student), not to {o.name}")
+        if s.lora is not None:
+            errors.append("objective.sampling.engine vllm cannot serve a LoRA student (student.lora); use engine hf")
     if o.rank_k is not None and o.rank_k < 1:
         errors.append(f"objective.rank_k must be >= 1, got {o.rank_k}")
     if o.rank_weight is not None and o.rank_weight < 0:

@@ -71,7 +71,7 @@ class DPKDSequence(ObjectiveBase):
             seeds = [[self.sampler.row_seeds("student", step, process_index, micro, len(window[micro]["input_ids"]))[r]
                       for r in rows] for micro, rows in stale.items()]
             sampled, _ = sample_window(student_lm, list(subsets.values()), seeds, self.sampler.settings(student_lm),
-                                       engine=self.sampler.engine)
+                                       engine=self.sampler.engine_at(step, "student"))
             for (micro, rows), batch in zip(stale.items(), sampled):
                 for index, r in enumerate(rows):
                     completion = batch["input_ids"][index][batch["labels"][index] != IGNORE].tolist()

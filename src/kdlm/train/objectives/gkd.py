@@ -93,7 +93,7 @@ class GKD(KD):
             self._measure = staleness > 0  # measured by __call__, during the loss's forward pass
             self.sampler.keep_samples(window[0], step, "student", process_index)
         elif self.seq_kd:
-            sampled, rollout = self.sampler.sample_steps(self.teacher, {step: window}, who="teacher",
+            sampled, rollout = self.sampler.sample_steps(self.teacher, {step: window}, who="teacher", now=step,
                                                          process_index=process_index)
             window = sampled[step]
             stats.update({"gkd/generated_tokens_per_s": rollout.tokens_per_s,
@@ -123,7 +123,8 @@ class GKD(KD):
         on = {s: w for s, w in windows.items() if self.coin(s)}
         sampled, stats = {}, {}
         if on:
-            sampled, rollout = self.sampler.sample_steps(student_lm, on, who="student", process_index=process_index)
+            sampled, rollout = self.sampler.sample_steps(student_lm, on, who="student", process_index=process_index,
+                                                         now=step)
             stats = {"gkd/generated_tokens_per_s": rollout.tokens_per_s, "gkd/sampled_steps": float(len(on)),
                      "gkd/sampled_sequences": float(rollout.sequences)}
         for s, window in windows.items():

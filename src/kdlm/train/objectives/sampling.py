@@ -47,6 +47,19 @@ class Sampling:
         self.tokenizer, self.max_length, self.seed = context.tokenizer, context.max_length, context.seed
         self.vocab_size, self.engine = context.vocab_size, engine
         self.samples_file = Path(context.run_dir) / "samples.jsonl" if context.run_dir else None
+        self.vllm = None  # sampling.engine vllm: a server of the student, started at the first sample
+        if self.sampling.engine == "vllm":
+            from kdlm.train.vllm_engine import VLLMEngine  # no vLLM environment: ServerError naming `make vllm`
+
+            self.vllm = VLLMEngine(max_model_len=(context.max_length or 2048) + self.sampling.max_new_tokens)
+
+    def engine_at(self, step: int, who: str) -> Engine:
+        """The engine that samples ``who`` at optimizer step ``step``: the vLLM server (holding the student of that
+        step, pushed when it changed) for the student with ``sampling.engine: vllm``, else this sampler's engine
+        (the teacher's ``seq_kd`` samples stay on hf)."""
+        if self.vllm is not None and who == "student":
+            return self.vllm.engine(version=step, tokenizer=self.tokenizer)
+        return self.engine
 
     def settings(self, model: nn.Module) -> SamplingSettings:
         sp = self.sampling
@@ -61,15 +74,16 @@ class Sampling:
         micro-batch, row), so a row's sample does not depend on which call sampled it."""
         return [_seed(self.seed, who, step, process_index, micro, row) for row in range(rows)]
 
-    def sample_steps(self, model: nn.Module, windows: dict[int, Window], *, who: str,
-                     process_index: int) -> tuple[dict[int, Window], RolloutStats]:
-        """Completions from ``model`` for every micro-batch of every step in ``windows`` (step -> its micro-batches),
-        in ONE engine call; returns the sampled windows (same keys) and the call's stats."""
+    def sample_steps(self, model: nn.Module, windows: dict[int, Window], *, who: str, process_index: int,
+                     now: int) -> tuple[dict[int, Window], RolloutStats]:
+        """Completions from ``model`` (the policy of optimizer step ``now``) for every micro-batch of every step in
+        ``windows`` (step -> its micro-batches), in ONE engine call; returns the sampled windows (same keys) and the
+        call's stats."""
         keys = [(step, micro) for step, window in windows.items() for micro in range(len(window))]
         batches = [windows[step][micro] for step, micro in keys]
         seeds = [self.row_seeds(who, step, process_index, micro, b["input_ids"].shape[0])
                  for (step, micro), b in zip(keys, batches)]
-        sampled, stats = sample_window(model, batches, seeds, self.settings(model), engine=self.engine)
+        sampled, stats = sample_window(model, batches, seeds, self.settings(model), engine=self.engine_at(now, who))
         out: dict[int, Window] = {step: [] for step in windows}
         for (step, _), batch in zip(keys, sampled):
             out[step].append(batch)
