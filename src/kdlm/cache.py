@@ -187,13 +187,22 @@ def _shard_arrays(
 
     c = cfg.cache
     value_dtype, ids_dtype = _DTYPES[c.dtype], id_dtype(vocab_size)
-    head = OutputHead.of(teacher, vocab_size)
-    device = next(teacher.parameters()).device
     batch_size = c.batch_size or cfg.train.batch_size
     parts: dict[str, list[torch.Tensor]] = {}
     lengths: list[int] = []
+    served = hasattr(teacher, "signals")  # a kdlm.teacher_server.ServedTeacher: the server gives the top-k arrays
+    if not served:
+        head = OutputHead.of(teacher, vocab_size)
+        device = next(teacher.parameters()).device
     for start in range(0, len(items), batch_size):
         chunk_items = items[start:start + batch_size]
+        if served:
+            for arrays in teacher.signals(chunk_items):
+                lengths.append(len(arrays["tail"]))
+                for key, value in arrays.items():
+                    parts.setdefault(key, []).append(value.to(ids_dtype if key == "ids" else value_dtype))
+                bar.update(lengths[-1])
+            continue
         batch = {k: v.to(device) for k, v in collate(chunk_items, pad_id).items()}
         mask, _ = response_positions(batch)
         with torch.no_grad():
@@ -262,8 +271,13 @@ def build_cache(cfg: Config) -> dict:
     source = dict(gguf_file=t.gguf_file, revision=t.revision, trust_remote_code=t.trust_remote_code, cache_dir=cfg.data.cache_dir)
     tokenizer = load_tokenizer(t.name_or_path, **source)
     vocab_size = max(tokenizer.get_vocab().values()) + 1
-    files = teacher_weight_files(cfg)
-    identity = run_identity(cfg, tokenizer, vocab_size, weights_fingerprint(files))
+    served = None
+    if t.server is not None:  # the teacher is a vLLM server: reached and checked first, its answers fingerprinted
+        from kdlm.teacher_server import connect
+
+        served = connect(cfg, tokenizer, vocab_size)
+    files = teacher_weight_files(cfg) if served is None else []
+    identity = run_identity(cfg, tokenizer, vocab_size, served.fingerprint if served else weights_fingerprint(files))
     identity_hash = _identity_hash(identity)
 
     manifest_path = folder / MANIFEST
@@ -289,11 +303,11 @@ def build_cache(cfg: Config) -> dict:
     for stale in folder.glob(".tmp-*"):  # left by a kill in the middle of a write
         stale.unlink()
 
-    teacher = load_model(t.name_or_path, dtype=t.dtype, **source).eval().requires_grad_(False)
+    teacher = served or load_model(t.name_or_path, dtype=t.dtype, **source).eval().requires_grad_(False)
     train_examples, eval_examples, has_responses = load_splits(cfg.data, cfg.train.seed)
     if not has_responses:  # the same responses distill will read (cached on disk, keyed by teacher and prompts)
-        fill_teacher_responses(cfg, teacher, tokenizer, train_examples, "train")
-        fill_teacher_responses(cfg, teacher, tokenizer, eval_examples, "eval")
+        fill_teacher_responses(cfg, None if served else teacher, tokenizer, train_examples, "train")
+        fill_teacher_responses(cfg, None if served else teacher, tokenizer, eval_examples, "eval")
     items, counts = tokenize_examples(train_examples, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
                                       max_length=cfg.data.max_length, system_prompt=cfg.data.system_prompt)
     log.info(counts.summary("train data"))
@@ -336,7 +350,8 @@ def build_cache(cfg: Config) -> dict:
         "version": VERSION,
         "identity": identity,
         "teacher": {"name_or_path": t.name_or_path, "gguf_file": t.gguf_file, "revision": t.revision,
-                    "weights_sha256": weights_sha256(files)},
+                    **({"weights_sha256": weights_sha256(files)} if served is None else
+                       {"server": served.url, "served_model": served.model})},
         "data": {"train": cfg.data.train, "seed": cfg.train.seed},
         "examples": len(items),
         "tokens": total_tokens,
@@ -486,9 +501,10 @@ class TeacherCache:
         return torch.cat(rows).to(batch["input_ids"].device)
 
 
-def open_for_run(cfg: Config, tokenizer, vocab_size: int) -> TeacherCache:
-    """The cache of ``cfg.cache.dir``, checked against this run (teacher, tokenizer, template, lengths, τ, signal)."""
-    identity = run_identity(cfg, tokenizer, vocab_size, teacher_fingerprint(cfg))
+def open_for_run(cfg: Config, tokenizer, vocab_size: int, fingerprint: Optional[str] = None) -> TeacherCache:
+    """The cache of ``cfg.cache.dir``, checked against this run (teacher, tokenizer, template, lengths, τ, signal).
+    ``fingerprint``: the teacher's, when it is served (:attr:`kdlm.teacher_server.ServedTeacher.fingerprint`)."""
+    identity = run_identity(cfg, tokenizer, vocab_size, fingerprint or teacher_fingerprint(cfg))
     return TeacherCache(cfg.cache.dir, identity)
 
 
