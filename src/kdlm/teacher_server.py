@@ -208,7 +208,7 @@ class ServedTeacher:
                                              f"{raw[:200]!r}") from None
             if attempt + 1 < attempts:
                 delay = min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S)
-                log.warning("%s: teacher server %s failed (%s); retry %d of %d in %.0f s", what, self.url, last,
+                log.warning("%s: teacher server %s failed (%s); retry %d of %d in %.1f s", what, self.url, last,
                             attempt + 1, attempts - 1, delay)
                 if stop is not None and stop.wait(delay):
                     break
