@@ -268,8 +268,9 @@ class ServedTeacher:
     # ---- asking ahead while training runs --------------------------------------------------------------------
 
     def prefetch(self, batches: Iterator[dict], position) -> Iterator[dict]:
-        """The micro-batches of ``batches``, each with its teacher payload in ``batch["teacher_payload"]``; the
-        payloads of up to ``concurrency`` coming micro-batches are requested (threads) while the caller trains.
+        """The micro-batches of ``batches``, each with its teacher payload in ``batch["teacher_payload"]``; while the
+        caller trains on one, the payloads of the next ``concurrency`` micro-batches are asked for (a thread pool of
+        that size: at most ``concurrency`` requests in flight, started in the order of the micro-batches).
 
         ``position`` (the training state: ``epoch``, ``batches_in_epoch``, ``step``) is what ``batches`` advances as
         it yields; drawing ahead would move it past the micro-batches actually trained, so it is swapped: the
@@ -283,25 +284,31 @@ class ServedTeacher:
         pending: deque[tuple[dict, tuple[int, int], Future]] = deque()
         ahead = (position.epoch, position.batches_in_epoch)  # the source's own position
         drawn = 0
-        try:
-            while True:
-                while len(pending) < self.concurrency:
-                    shown = (position.epoch, position.batches_in_epoch)
-                    position.epoch, position.batches_in_epoch = ahead
-                    try:
-                        batch = next(batches)
-                    except StopIteration:
-                        break
-                    finally:
-                        ahead = (position.epoch, position.batches_in_epoch)
-                        position.epoch, position.batches_in_epoch = shown
-                    drawn += 1
-                    what = f"micro-batch {drawn} of this sitting (epoch {ahead[0]}, batch {ahead[1]} of the epoch)"
-                    # The worker gets CPU token lists only (extracted here, in the caller's thread).
-                    pending.append((batch, ahead, pool.submit(self._payload_rows, _unpadded(batch), what, stop)))
-                if not pending:
+        exhausted = False
+
+        def refill() -> None:  # draw and ask until `concurrency` micro-batches are asked for beyond the one trained
+            nonlocal ahead, drawn, exhausted
+            while not exhausted and len(pending) < self.concurrency:
+                shown = (position.epoch, position.batches_in_epoch)
+                position.epoch, position.batches_in_epoch = ahead
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    exhausted = True
                     return
+                finally:
+                    ahead = (position.epoch, position.batches_in_epoch)
+                    position.epoch, position.batches_in_epoch = shown
+                drawn += 1
+                what = f"micro-batch {drawn} of this sitting (epoch {ahead[0]}, batch {ahead[1]} of the epoch)"
+                # The worker gets CPU token lists only (extracted here, in the caller's thread).
+                pending.append((batch, ahead, pool.submit(self._payload_rows, _unpadded(batch), what, stop)))
+
+        try:
+            refill()
+            while pending:
                 batch, after, future = pending.popleft()
+                refill()  # the pool runs at most `concurrency` requests at once, in the order asked
                 try:
                     rows = future.result()
                 except TeacherServerLost as err:
