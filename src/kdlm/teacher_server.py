@@ -289,16 +289,13 @@ class ServedTeacher:
         def refill() -> None:  # draw and ask until `concurrency` micro-batches are asked for beyond the one trained
             nonlocal ahead, drawn, exhausted
             while not exhausted and len(pending) < self.concurrency:
-                shown = (position.epoch, position.batches_in_epoch)
-                position.epoch, position.batches_in_epoch = ahead
+                position.epoch, position.batches_in_epoch = ahead  # the source continues from its own position
                 try:
                     batch = next(batches)
                 except StopIteration:
                     exhausted = True
                     return
-                finally:
-                    ahead = (position.epoch, position.batches_in_epoch)
-                    position.epoch, position.batches_in_epoch = shown
+                ahead = (position.epoch, position.batches_in_epoch)
                 drawn += 1
                 what = f"micro-batch {drawn} of this sitting (epoch {ahead[0]}, batch {ahead[1]} of the epoch)"
                 # The worker gets CPU token lists only (extracted here, in the caller's thread).
@@ -317,7 +314,7 @@ class ServedTeacher:
                         "stopped before that step; the newest checkpoint in train.output_dir is intact: start the "
                         "server again and rerun with --resume") from None
                 batch[PAYLOAD_KEY] = rows.to(batch["input_ids"].device)
-                position.epoch, position.batches_in_epoch = after
+                position.epoch, position.batches_in_epoch = after  # what the caller sees: the batches it got
                 yield batch
         finally:
             stop.set()  # waiting retries give up
