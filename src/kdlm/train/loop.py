@@ -256,7 +256,8 @@ def _run(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dict:
     )
     if cfg.eval.enabled and state.step == 0 and data.eval_items:
         summary["before"] = evaluate(training.student_lm, tag="before")
-    _step_loop(cfg, accelerator, run_dir, objective, training, state, data, evaluate, fault_injection())  # 7.
+    _step_loop(cfg, accelerator, run_dir, objective, training, state, data, evaluate, fault_injection(),  # 7.
+               teacher_cache)
     return _finish(cfg, accelerator, run_dir, training.student_lm, tokenizer, data, evaluate, summary, started,  # 8.
                    peak_rss_scope)
 
@@ -312,15 +313,23 @@ def _start_run(cfg: Config, accelerator) -> tuple[Path, Optional[Path]]:
 
 def _load_models(cfg: Config, accelerator):
     """2. Teacher, student and tokenizer (the tokenizer check happens inside: a mismatch is an error, padded rows
-    are sliced later). With a teacher cache (cache.dir) the teacher never runs: the loss reads its signal from disk."""
-    models = load_models(cfg, teacher_needed=cfg.cache.dir is None)
+    are sliced later). With a teacher cache (cache.dir) or a served teacher (teacher.server) the teacher never runs
+    here: the loss reads its signal from disk or from the server."""
+    served = None
+    if cfg.teacher.server is not None:  # a served teacher is reached and checked before any model is loaded
+        from kdlm.teacher_server import connect_for_run
+
+        served = connect_for_run(cfg)
+    models = load_models(cfg, teacher_needed=cfg.cache.dir is None and served is None)
     teacher = models.teacher.to(accelerator.device) if models.teacher is not None else None
-    teacher_cache = None
+    teacher_cache = served  # a kdlm.losses.sparse.TeacherSignal: the server's, or the cache's below
     if cfg.cache.dir is not None:
         from kdlm.cache import open_for_run
 
         # The teacher's tokenizer (objective.cross_tokenizer: its own); refuses a cache built for another run.
-        teacher_cache = open_for_run(cfg, models.teacher_tokenizer or models.tokenizer, models.teacher_vocab_size or models.vocab_size)
+        teacher_cache = open_for_run(cfg, models.teacher_tokenizer or models.tokenizer,
+                                     models.teacher_vocab_size or models.vocab_size,
+                                     served.fingerprint if served is not None else None)
         log.info("teacher: cached signal in %s (%s), the teacher is not run", cfg.cache.dir, teacher_cache.signal)
     return models, teacher, teacher_cache
 
@@ -423,12 +432,15 @@ def _resume(resume_from: Optional[Path], accelerator, training: _Training, mixer
 
 
 def _step_loop(cfg: Config, accelerator, run_dir: Path, objective, t: _Training, state: TrainState, data: _Data,
-           evaluate, after_microbatch: Callable[[], None]) -> None:
+           evaluate, after_microbatch: Callable[[], None], teacher_signal=None) -> None:
     """7. The step loop: draw the step's micro-batches, let the objective prepare them, accumulate, guard, step, log,
-    evaluate and save."""
+    evaluate and save. A served teacher (``teacher_signal`` with ``prefetch``) is asked for the coming micro-batches'
+    signals while each step trains."""
     from accelerate.utils import broadcast
 
     batches = _batches(accelerator, t.loader, t.sampler, state)
+    if hasattr(teacher_signal, "prefetch"):
+        batches = teacher_signal.prefetch(batches, state)
     bar = tqdm(total=t.total_steps, initial=state.step, desc="distill", unit="step",
                disable=not (cfg.train.progress and accelerator.is_main_process), dynamic_ncols=True)
     logger = _Logger(run_dir / "metrics.jsonl", accelerator, bar, cfg.train.log_every, t.total_steps)
@@ -479,6 +491,7 @@ def _step_loop(cfg: Config, accelerator, run_dir: Path, objective, t: _Training,
             state.mixing = data.mixer.state_dict() if data.mixer is not None else None
             save_checkpoint(run_dir, state, accelerator, t.student_lm, t.optimizer, t.scheduler, cfg.train.save_total_limit,
                             objective_state=objective.state_dict())
+    batches.close()  # a served teacher's requests for micro-batches past the last step are cancelled
     bar.close()
 
 

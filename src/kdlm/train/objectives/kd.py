@@ -18,6 +18,7 @@ from kdlm.config import ObjectiveConfig
 from kdlm.data.format import response_positions
 from kdlm.losses.sparse import sparse_divergence
 from kdlm.models import DecoderOnly, OutputHead, unwrap
+from kdlm.teacher_server import PAYLOAD_KEY
 from kdlm.train.objectives.base import BuildContext, ObjectiveBase, StepOutput
 
 
@@ -38,7 +39,8 @@ def distill_terms(
 
     ``student`` is the :class:`~kdlm.models.DecoderOnly` wrapper (possibly inside a data-parallel wrapper). The
     teacher side is the live ``teacher``'s hidden states and output layer, or, with ``cache`` (a
-    :class:`kdlm.cache.TeacherCache`), the cached sparse signal of each token, which
+    :class:`kdlm.losses.sparse.TeacherSignal`: the offline cache or a served teacher), the sparse signal of each
+    token (``batch["teacher_payload"]`` when the loop prefetched it), which
     :func:`kdlm.losses.sparse.sparse_divergence` compares on the collapsed (stored ids + tail bucket)
     distributions. ``ce_weights`` are per-token weights of the CE term aligned with the response tokens.
     Temperature, chunk size and compilation come from ``cfg``.
@@ -47,7 +49,9 @@ def distill_terms(
     student_hidden = student(batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
     s_head = OutputHead.of(unwrap(student).lm, vocab_size)
     if cache is not None:
-        teacher_rows, t_head = cache.payload(batch), None
+        # The payload prefetched with the batch (a served teacher, kdlm.teacher_server), else the source's lookup.
+        prefetched = batch.get(PAYLOAD_KEY)
+        teacher_rows, t_head = (cache.payload(batch) if prefetched is None else prefetched), None
         divergence, params = functools.partial(sparse_divergence, base=divergence, base_params=params), {}
     else:
         with torch.no_grad():
