@@ -21,6 +21,7 @@ from kdlm.data.format import IGNORE
 from kdlm.sampler import stop_token_ids
 from kdlm.train.objectives.base import BuildContext
 from kdlm.train.rollout import sample_responses
+from kdlm.train.sharding import full_parameters
 
 
 def _seed(*parts: Any) -> int:
@@ -40,12 +41,13 @@ class Sampling:
 
     def sample(self, model: nn.Module, batch: dict, *, step: int, process_index: int, micro: int, who: str):
         sp = self.sampling
-        return sample_responses(
-            model, batch, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p,
-            top_k=sp.top_k, stop_token_ids=stop_token_ids(self.tokenizer, model),
-            pad_token_id=self.tokenizer.pad_token_id, seed=_seed(self.seed, who, step, process_index, micro),
-            max_length=self.max_length,
-        )
+        with full_parameters(model):  # train.parallel fsdp: sampling calls the bare model, gathered meanwhile
+            return sample_responses(
+                model, batch, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p,
+                top_k=sp.top_k, stop_token_ids=stop_token_ids(self.tokenizer, model),
+                pad_token_id=self.tokenizer.pad_token_id, seed=_seed(self.seed, who, step, process_index, micro),
+                max_length=self.max_length,
+            )
 
     def decode(self, batch: dict) -> tuple[list[str], list[str]]:
         """Prompts and completions (special tokens stripped) of a batch in collate's layout."""
