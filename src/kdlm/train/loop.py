@@ -251,6 +251,8 @@ def _run(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dict:
                                  None if teacher_tokenizer is None else teacher_tokenizer.pad_token_id, teacher)
     state = _resume(resume_from, accelerator, training, data.mixer, run_dir, cfg)  # 6.
     summary: dict = {"data": data.counts, "total_steps": training.total_steps}
+    if sharding.is_sharded(training.student):  # what each process holds of the models (process 0's figures)
+        summary["sharding"] = sharding.memory_report(training.student, teacher)
     evaluate = partial(  # across tokenizers the held-out KL is not defined token by token: student metrics only
         _evaluate, cfg=cfg, teacher=teacher if teacher_tokenizer is None else None, tokenizer=tokenizer,
         vocab_size=vocab_size,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import weakref
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -189,6 +190,38 @@ def full_state_dict(lm: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     return full
 
 
+def _root(lm: nn.Module) -> nn.Module:
+    return _UNITS[lm][0][0]
+
+
+def _state_dicts(lm: nn.Module, optimizer) -> tuple[dict, dict]:
+    """Model and AdamW state dicts of a sharded student as DTensor shards, keyed by parameter name (DCP's layout)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(_root(lm), getattr(optimizer, "optimizer", optimizer))  # accelerate wraps the optimizer
+
+
+def save_sharded(folder: Path, lm: nn.Module, optimizer) -> None:
+    """Write the student's weights and AdamW state with torch.distributed.checkpoint: every process writes its own
+    shards (``__<rank>_0.distcp``) and process 0 the ``.metadata``. A collective: every process calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optimizer_state = _state_dicts(lm, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(folder: Path, lm: nn.Module, optimizer) -> None:
+    """Read :func:`save_sharded`'s folder into the sharded student and its optimizer (each process its shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    model_state, optimizer_state = _state_dicts(lm, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(_root(lm), getattr(optimizer, "optimizer", optimizer), model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+
+
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
     """Clip the global gradient norm of sharded parameters (DTensor gradients) to ``max_norm``; returns the norm
     before clipping, over all processes (the shards' norms combined, as for the full gradient)."""
@@ -199,6 +232,18 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     return float(norm)
+
+
+def memory_report(student: nn.Module, teacher: Optional[nn.Module]) -> dict:
+    """This process's parameter bytes against the full models' (summary.json ``sharding``), and whether the
+    student's output layer is still its input embedding where the model ties them."""
+    lm = _bare(student.lm)
+    report = {"student_local_bytes": local_bytes(student)[0], "student_full_bytes": local_bytes(student)[1],
+              "student_tied": _tied(lm)}
+    if teacher is not None:
+        report["teacher_local_bytes"], report["teacher_full_bytes"] = local_bytes(teacher)
+        report["teacher_tied"] = _tied(teacher)
+    return report
 
 
 def local_bytes(module: nn.Module) -> tuple[int, int]:
