@@ -81,6 +81,20 @@ def _bare(lm: nn.Module) -> nn.Module:
     return lm.get_base_model() if is_peft_model(lm) else lm
 
 
+def _shard(root: nn.Module, lm: nn.Module, cfg: TrainConfig, root_reshards: bool) -> list[tuple[nn.Module, bool]]:
+    """fully_shard on each decoder layer of ``lm`` (freed after its forward), then on ``root``; the units, root first,
+    with their reshard_after_forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = _policies(cfg)
+    units = [(root, root_reshards)]
+    for layer in _layers(lm):
+        fully_shard(layer, reshard_after_forward=True, **kwargs)
+        units.append((layer, True))
+    fully_shard(root, reshard_after_forward=root_reshards, **kwargs)
+    return units
+
+
 def shard_student(student: DecoderOnly, cfg: TrainConfig, device: torch.device) -> DecoderOnly:
     """FSDP2 on the student: each decoder layer a unit, ``student`` (DecoderOnly) the root. In place; returns it.
 
@@ -89,17 +103,9 @@ def shard_student(student: DecoderOnly, cfg: TrainConfig, device: torch.device) 
     single token here, so that later calls of the bare model (sampling, evaluation) find the units already ordered
     under their root.
     """
-    from torch.distributed.fsdp import fully_shard
-
     lm = _bare(student.lm)
     tied = _tied(lm)
-    kwargs = _policies(cfg)
-    units: list[tuple[nn.Module, bool]] = []
-    for layer in _layers(lm):
-        fully_shard(layer, reshard_after_forward=True, **kwargs)
-        units.append((layer, True))
-    fully_shard(student, reshard_after_forward=False, **kwargs)
-    units.insert(0, (student, False))
+    units = _shard(student, lm, cfg, root_reshards=False)
     if tied and not _tied(lm):  # never expected: the tied pair is one parameter of the root unit
         raise RuntimeError("sharding untied the student's embeddings and output layer")
     _UNITS[student] = units
@@ -116,21 +122,15 @@ def shard_teacher(teacher: nn.Module, cfg: TrainConfig, device: torch.device) ->
     place; returns ``teacher``."""
     from torch.distributed.fsdp import fully_shard
 
-    kwargs = _policies(cfg)
     tied = _tied(teacher)
-    units: list[tuple[nn.Module, bool]] = []
-    for layer in _layers(teacher):
-        fully_shard(layer, reshard_after_forward=True, **kwargs)
-        units.append((layer, True))
     backbone = teacher.base_model
-    fully_shard(backbone, reshard_after_forward=True, **kwargs)
-    units.insert(0, (backbone, True))
+    units = _shard(backbone, teacher, cfg, root_reshards=True)
     head = teacher.get_output_embeddings()
     if tied:
         head.weight = teacher.get_input_embeddings().weight  # re-tie to the sharded embedding: one copy
         _RETIE.add(teacher)
     else:
-        fully_shard(head, reshard_after_forward=True, **kwargs)
+        fully_shard(head, reshard_after_forward=True, **_policies(cfg))
         units.append((head, True))
     _UNITS[teacher] = units
     with torch.no_grad():
