@@ -178,7 +178,9 @@ def test_fsdp_refuses_to_resume_on_another_process_count(tied, tmp_path):
 SMOKE = {
     # DDK re-weights domains every 2 steps from the (gathered) student's perplexities
     "ddk": {"data.mixing.strategy": "ddk", "data.mixing.interval": 2, "data.mixing.val_per_domain": 3},
-    "dpkd_token": {"objective.name": "dpkd", "objective.dpkd_form": "token"},
+    # with the before/after evaluation: it runs the bare models, gathered (sharding.full_parameters)
+    "dpkd_token": {"objective.name": "dpkd", "objective.dpkd_form": "token", "eval.enabled": True,
+                   "eval.num_samples": 1, "eval.max_new_tokens": 4},
     # greedy student samples: the same whichever process draws them
     "dpkd_sequence": {"objective.name": "dpkd", "objective.dpkd_form": "sequence",
                       "objective.sampling.max_new_tokens": 5, "objective.sampling.temperature": 0.0},
@@ -206,4 +208,10 @@ def test_fsdp_other_objectives_and_options_equal_one_process(tied, tmp_path, nam
     assert "sharding" in json.loads((fsdp / "summary.json").read_text())  # it did run sharded
     for a, b in zip(reference, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+    if overrides.get("eval.enabled"):
+        for tag in ("before", "after"):
+            want = json.loads((one / f"eval_{tag}.json").read_text())
+            have = json.loads((fsdp / f"eval_{tag}.json").read_text())
+            assert have["overall"]["kl"] == pytest.approx(want["overall"]["kl"], rel=1e-5)
+            assert have["samples"] == want["samples"]
 
