@@ -21,6 +21,18 @@ def test_fsdp_options_need_fsdp(tiny, tmp_path):
     assert cfg.train.parallel == "fsdp"
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for CPU-only machines")
+def test_fsdp_cpu_offload_without_a_gpu_is_a_config_error():
+    """FSDP2's CPUOffloadPolicy needs an accelerator (measured: it fails on CPU with "Cannot access accelerator
+    device when none is available"): kdlm says so, naming the field, instead of that error."""
+    from kdlm.config import TrainConfig
+    from kdlm.train.sharding import _policies
+
+    with pytest.raises(ConfigError, match="train.fsdp_cpu_offload needs a GPU"):
+        _policies(TrainConfig(parallel="fsdp", fsdp_cpu_offload=True))
+    assert "offload_policy" not in _policies(TrainConfig(parallel="fsdp"))
+
+
 @pytest.fixture
 def one_process_group(tmp_path):
     """A 1-process gloo group in this process (FSDP2 needs one), always destroyed after the test."""

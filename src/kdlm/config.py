@@ -317,7 +317,7 @@ class TrainConfig:
     precision for GPUs; the shards, AdamW and the gradient reduction stay float32)."""
     fsdp_cpu_offload: bool = False
     """train.parallel fsdp: keep the parameter shards, gradients and AdamW state in CPU memory, moving each unit to
-    the device for its forward/backward (fits bigger models on a GPU, slower)."""
+    the GPU for its forward/backward (fits bigger models on a GPU, slower). Needs a GPU: refused on CPU-only machines."""
     log_every: int = 5
     """Write a metrics.jsonl line every this many steps."""
     eval_every: int = 0

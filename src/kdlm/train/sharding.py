@@ -40,7 +40,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from kdlm.config import TrainConfig
+from kdlm.config import ConfigError, TrainConfig
 from kdlm.models import DecoderOnly
 
 # Model -> its FSDP units (root first) and each unit's reshard_after_forward: what full_parameters gathers. Weak
@@ -65,6 +65,12 @@ def _policies(cfg: TrainConfig) -> dict:
         # Parameters gathered (and the forward/backward run) in bf16; gradients reduced in fp32; shards stay fp32.
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cfg.fsdp_cpu_offload:
+        if not torch.cuda.is_available():
+            # FSDP2's CPUOffloadPolicy copies each unit to the accelerator for its compute; it fails without one
+            # ("Cannot access accelerator device when none is available"), and on CPU there is nothing to gain.
+            raise ConfigError("train.fsdp_cpu_offload needs a GPU (it keeps the shards in CPU memory and moves each "
+                              "unit to the GPU for its compute); on a CPU-only machine the parameters already live in "
+                              "CPU memory: set train.fsdp_cpu_offload false")
         kwargs["offload_policy"] = CPUOffloadPolicy()
     return kwargs
 
