@@ -532,10 +532,11 @@ def _stop_nonfinite(run_dir: Path, step: int, in_a_row: int) -> None:
 
 
 def _evaluate(student_lm, **kwargs) -> dict:
-    """Held-out evaluation (kdlm.eval.heldout) of the student; fsdp: student and teacher gathered on every process
-    meanwhile, since the evaluation calls the bare models, on process 0 only."""
+    """Held-out evaluation (kdlm.eval.heldout) of the student; fsdp: student and teacher gathered meanwhile, since the
+    evaluation calls the bare models, and run by every process (the sharded models' hooks may communicate, measured:
+    process 0 alone ran into a collective of the training step)."""
     with full_parameters(student_lm, kwargs.get("teacher")):
-        return evaluate_and_report(student_lm, **kwargs)
+        return evaluate_and_report(student_lm, every_process=sharding.is_sharded(student_lm), **kwargs)
 
 
 def _finish(cfg: Config, accelerator, run_dir: Path, student_lm, tokenizer, data: _Data, evaluate, summary: dict,
