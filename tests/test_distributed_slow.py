@@ -40,6 +40,7 @@ def _launch(config_file: Path, processes: int, *extra: str, timeout: float = 600
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
         "--master_port", str(random.randint(20000, 40000)), "-m", "kdlm", kdlm_command, "--config", str(config_file), *extra,
     ]
+    # os.environ at call time: a test may add a variable (monkeypatch.setenv), e.g. the fault injection.
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)

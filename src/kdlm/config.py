@@ -332,6 +332,16 @@ class TrainConfig:
     """Clip the global gradient norm to this value (None: no clipping)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast compute dtype through accelerate (loss arithmetic stays float32)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Several processes: ddp replicates teacher and student on every process; fsdp shards both (PyTorch FSDP2,
+    per decoder layer), so each process holds about 1/N of their parameters, gradients and AdamW state
+    (docs/scaling.md). One process: both are the same."""
+    fsdp_param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """train.parallel fsdp: dtype in which parameters are gathered and the forward/backward run (bfloat16: mixed
+    precision for GPUs; the shards, AdamW and the gradient reduction stay float32)."""
+    fsdp_cpu_offload: bool = False
+    """train.parallel fsdp: keep the parameter shards, gradients and AdamW state in CPU memory, moving each unit to
+    the GPU for its forward/backward (fits bigger models on a GPU, slower). Needs a GPU: refused on CPU-only machines."""
     log_every: int = 5
     """Write a metrics.jsonl line every this many steps."""
     eval_every: int = 0
@@ -440,6 +450,12 @@ def validate(cfg: Config) -> Config:
             errors.append("student.keep_layers must be a non-empty list of distinct layer indices")
         if s.num_layers < 1:
             errors.append("student.num_layers must be >= 1")
+    if t.parallel == "fsdp" and s.lora is not None:
+        errors.append("student.lora is not supported with train.parallel fsdp yet (peft's adapters inside FSDP2 "
+                      "units are untested): use train.parallel ddp for a LoRA student")
+    if t.parallel != "fsdp" and (t.fsdp_param_dtype != "float32" or t.fsdp_cpu_offload):
+        errors.append("train.fsdp_param_dtype and train.fsdp_cpu_offload only apply to train.parallel fsdp "
+                      f"(it is {t.parallel!r})")
     if s.lora is not None:
         if s.lora.r < 1:
             errors.append(f"student.lora.r must be >= 1, got {s.lora.r}")

@@ -366,9 +366,10 @@ class OutputHead:
         if getattr(config, "logits_scaling", None):  # Granite divides them
             scale /= float(config.logits_scaling)
         softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2
-        bias = head.bias[:vocab_size] if getattr(head, "bias", None) is not None else None
+        weight, bias = _gathered(head.weight), _gathered(getattr(head, "bias", None))
+        bias = bias[:vocab_size] if bias is not None else None
         # Rows past the tokenizer's vocabulary are padding (e.g. 152064 vs 151936): never part of any softmax.
-        return cls(head.weight[:vocab_size], bias, scale, float(softcap) if softcap else None)
+        return cls(weight[:vocab_size], bias, scale, float(softcap) if softcap else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = hidden @ self.weight.T
@@ -378,6 +379,22 @@ class OutputHead:
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
+
+
+def _gathered(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A frozen output layer sharded by FSDP2 (train.parallel fsdp: the teacher's) is all-gathered here, once per
+    :meth:`OutputHead.of` call, i.e. once per micro-batch; the full copy lives as long as the returned head.
+
+    A trainable one must never be gathered this way (a DTensor's gather would bypass FSDP's gradient reduction):
+    the student's output layer is read after the student's forward, when its FSDP root unit holds it gathered
+    (kdlm.train.sharding)."""
+    if tensor is None or not hasattr(tensor, "full_tensor"):
+        return tensor
+    if tensor.requires_grad:
+        raise RuntimeError("the sharded student's output layer was read outside its forward; read it after the "
+                           "student's forward (its FSDP root unit then holds it gathered)")
+    with torch.no_grad():
+        return tensor.full_tensor()
 
 
 def _matches(module_name: str, target: str) -> bool:
@@ -436,14 +453,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def save_student(student_lm: nn.Module, tokenizer, folder: Path) -> None:
+def save_student(student_lm: nn.Module, tokenizer, folder: Path, state_dict: Optional[dict] = None) -> None:
     """Write the trained student to ``folder`` so that ``AutoModelForCausalLM.from_pretrained(folder)`` loads it.
 
     A plain model: its weights (safetensors) and the tokenizer. A LoRA student (``PeftModel``): the adapter in
     ``folder/adapter`` (adapter_model.safetensors + adapter_config.json, for ``PeftModel.from_pretrained(base,
     folder / "adapter")`` where base is the student before training, e.g. the pruned teacher) and, at the root,
     the merged full model and the tokenizer. The merge is done on a copy: the model being trained is untouched
-    (the copy costs one more model's memory for the moment of saving).
+    (the copy costs one more model's memory for the moment of saving). ``state_dict``: the full weights to write in
+    place of the model's own (a sharded student's, gathered by kdlm.train.sharding.full_state_dict).
     """
     folder = Path(folder)
     if is_peft_model(student_lm):
@@ -453,7 +471,7 @@ def save_student(student_lm: nn.Module, tokenizer, folder: Path) -> None:
         merged.save_pretrained(folder, safe_serialization=True)
         del merged
     else:
-        student_lm.save_pretrained(folder, safe_serialization=True)
+        student_lm.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
 
 

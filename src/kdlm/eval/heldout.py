@@ -31,12 +31,16 @@ def evaluate_and_report(
     run_dir: Path,
     accelerator=None,
     samples: bool = True,
+    every_process: bool = False,
 ) -> Optional[dict]:
     """Held-out KL(teacher ‖ student) and cross-entropies, plus a few greedy student generations.
 
-    Writes ``eval_<tag>.json`` in the run directory (main process) and returns the result.
+    Writes ``eval_<tag>.json`` in the run directory (main process) and returns the result. Only the main process
+    evaluates, unless ``every_process`` (train.parallel fsdp: the sharded models' forward hooks may communicate, so
+    every process must run the same forwards; each computes the same result, the main process writes it).
     """
-    if accelerator is not None and not accelerator.is_main_process:
+    main = accelerator is None or accelerator.is_main_process
+    if not main and not every_process:
         return None
     result = teacher_forced_metrics(
         student_lm, teacher, eval_items, vocab_size=vocab_size, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval.batch_size
@@ -60,6 +64,8 @@ def evaluate_and_report(
             {"prompt": e.messages[-1]["content"], "reference": e.response, "reference_source": e.response_source, "student": c}
             for e, c in zip(picked, completions)
         ]
+    if not main:
+        return None
     (run_dir / f"eval_{tag}.json").write_text(json.dumps(result, indent=1))
     return result
 

@@ -28,11 +28,14 @@ from safetensors.torch import load_file, save_file
 
 from kdlm.cache import file_sha256
 from kdlm.errors import CheckpointError
+from kdlm.train.sharding import is_sharded, load_sharded, save_sharded
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 """2: ``files`` maps each file to its size and sha256; 1: ``files`` lists names only (still loadable)."""
 PREFIX = "checkpoint-"
+SHARDED = "sharded"
+"""train.parallel fsdp: the folder of the torch.distributed.checkpoint files (student weights and AdamW state)."""
 
 
 @dataclass
@@ -79,14 +82,18 @@ def save_checkpoint(run_dir: Path, state: TrainState, accelerator, student_lm, o
     (tmp / f"rng-rank{rank}.json").write_text(json.dumps(_python_rng()))
     if objective_state:  # e.g. GKD's batches sampled ahead (sampling.steps_per_generation)
         torch.save(objective_state, tmp / f"objective-rank{rank}.pt")
+    sharded = is_sharded(student_lm)
+    if sharded:  # fsdp: each process writes its shards of the weights and of AdamW's state
+        save_sharded(tmp / SHARDED, student_lm, optimizer)
     if accelerator.is_main_process:
         from kdlm.models import is_peft_model
 
-        if is_peft_model(student_lm):  # LoRA: the adapter only (the frozen base is rebuilt from the config)
+        if not sharded and is_peft_model(student_lm):  # LoRA: the adapter only (the base is rebuilt from the config)
             student_lm.save_pretrained(tmp / "student", safe_serialization=True, save_embedding_layers=False)
-        else:
+        elif not sharded:
             student_lm.save_pretrained(tmp / "student", safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not sharded:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         (tmp / "state.json").write_text(json.dumps(asdict(state)))
     accelerator.wait_for_everyone()
@@ -95,6 +102,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, accelerator, student_lm, o
             "format": FORMAT_VERSION,
             "step": state.step,
             "num_processes": accelerator.num_processes,
+            "parallel": "fsdp" if sharded else "ddp",
             "files": {
                 str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                 for p in sorted(tmp.rglob("*")) if p.is_file()
@@ -184,26 +192,57 @@ def load_objective_state(path: Path, rank: int) -> dict:
                               f"containers, which kdlm never writes (a tampered or foreign file?). Details: {error}") from error
 
 
-def load_checkpoint(path: Path, accelerator, student_lm, optimizer, scheduler) -> TrainState:
-    """Restore weights, optimizer, scheduler, RNG and data position; anything missing is an error."""
+def load_checkpoint(path: Path, accelerator, student_lm, optimizer, scheduler, parallel: str = "ddp") -> TrainState:
+    """Restore weights, optimizer, scheduler, RNG and data position; anything missing is an error.
+
+    ``parallel`` (train.parallel) must be the one the checkpoint was written with: fsdp checkpoints hold sharded
+    weights (torch.distributed.checkpoint), ddp ones a plain student folder."""
     manifest = json.loads((path / "manifest.json").read_text())
     if manifest.get("format") not in (1, FORMAT_VERSION):
         raise CheckpointError(f"{path}: checkpoint format {manifest.get('format')} is not 1 or {FORMAT_VERSION}")
+    written_with, sharded = manifest.get("parallel", "ddp"), is_sharded(student_lm)
+    if written_with != ("fsdp" if sharded else "ddp"):
+        raise CheckpointError(f"{path}: written with train.parallel {written_with}, resuming with train.parallel "
+                              f"{parallel} on {accelerator.num_processes} process(es); resume with train.parallel "
+                              f"{written_with} (fsdp shards need 2 or more processes)")
     if manifest["num_processes"] != accelerator.num_processes:
+        # torch.distributed.checkpoint could re-shard fsdp weights and AdamW state for another process count, but
+        # the data position (micro-batches consumed per process) and each process's RNG streams cannot follow.
         raise CheckpointError(
             f"{path}: written by {manifest['num_processes']} processes, resuming with {accelerator.num_processes}; "
-            "resume with the same number of processes"
+            "resume with the same number of processes (the data position and RNG streams are per process)"
         )
     rank = accelerator.process_index
     from kdlm.models import is_peft_model
 
     lora = is_peft_model(student_lm)
     student_file = "student/adapter_model.safetensors" if lora else "student/model.safetensors"
-    required = [student_file, "optimizer.pt", "scheduler.json", "state.json",
-                f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"]
+    weight_files = [f"{SHARDED}/.metadata"] if sharded else [student_file, "optimizer.pt"]
+    required = [*weight_files, "scheduler.json", "state.json", f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"]
     missing = [name for name in required if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}; cannot resume exactly from it")
+    if sharded:
+        load_sharded(path / SHARDED, student_lm, optimizer)
+    else:
+        _load_weights(path, student_lm, optimizer, student_file, lora)
+    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    rng = load_file(path / f"rng-rank{rank}.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")])
+    other = json.loads((path / f"rng-rank{rank}.json").read_text())
+    version, internal, gauss = other["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = other["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    state = TrainState(**json.loads((path / "state.json").read_text()))
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batches_in_epoch)
+    return state
+
+
+def _load_weights(path: Path, student_lm, optimizer, student_file: str, lora: bool) -> None:
+    """ddp checkpoints: the student folder (or the LoRA adapter) and optimizer.pt."""
     weights = load_file(path / student_file)
     if lora:  # the adapter only: every trainable tensor must come from the file, and nothing else may be in it
         from peft import set_peft_model_state_dict
@@ -230,16 +269,3 @@ def load_checkpoint(path: Path, accelerator, student_lm, optimizer, scheduler) -
             f"containers, which kdlm never writes (a tampered or foreign file?). Details: {error}"
         ) from error
     optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    rng = load_file(path / f"rng-rank{rank}.safetensors")
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")])
-    other = json.loads((path / f"rng-rank{rank}.json").read_text())
-    version, internal, gauss = other["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = other["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    state = TrainState(**json.loads((path / "state.json").read_text()))
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batches_in_epoch)
-    return state

@@ -42,6 +42,8 @@ from kdlm.train.checkpoint import (TrainState, latest_checkpoint, latest_intact_
                                   load_objective_state, save_checkpoint)
 from kdlm.train.mixing import DomainMixer, write_mixing_report
 from kdlm.train.rundir import claim_run_dir
+from kdlm.train import sharding
+from kdlm.train.sharding import full_parameters
 from kdlm.train.objectives import make_objective
 
 log = logging.getLogger("kdlm")
@@ -127,7 +129,7 @@ class _Data:
 class _Training:
     """Step 5's result: the prepared student, optimizer, schedule and data loader."""
 
-    student: Any  # DecoderOnly, wrapped by accelerate
+    student: Any  # DecoderOnly, wrapped by accelerate (ddp) or sharded in place (fsdp)
     student_lm: Any  # the bare causal LM inside it
     optimizer: Any
     scheduler: Any
@@ -246,11 +248,13 @@ def _run(cfg: Config, accelerator, started: float, peak_rss_scope: str) -> dict:
                                batch_size=cfg.train.batch_size, cache=teacher_cache, teacher_tokenizer=teacher_tokenizer,
                                teacher_vocab_size=models.teacher_vocab_size)
     training = _prepare_training(cfg, accelerator, models.student, data, tokenizer.pad_token_id,  # 5.
-                                 None if teacher_tokenizer is None else teacher_tokenizer.pad_token_id)
+                                 None if teacher_tokenizer is None else teacher_tokenizer.pad_token_id, teacher)
     state = _resume(resume_from, accelerator, training, data.mixer, run_dir, cfg, objective)  # 6.
     summary: dict = {"data": data.counts, "total_steps": training.total_steps}
+    if sharding.is_sharded(training.student):  # what each process holds of the models (process 0's figures)
+        summary["sharding"] = sharding.memory_report(training.student, teacher)
     evaluate = partial(  # across tokenizers the held-out KL is not defined token by token: student metrics only
-        evaluate_and_report, cfg=cfg, teacher=teacher if teacher_tokenizer is None else None, tokenizer=tokenizer,
+        _evaluate, cfg=cfg, teacher=teacher if teacher_tokenizer is None else None, tokenizer=tokenizer,
         vocab_size=vocab_size,
         eval_items=data.eval_items, eval_examples=data.eval_examples, run_dir=run_dir, accelerator=accelerator,
     )
@@ -387,12 +391,19 @@ def _load_data(cfg: Config, accelerator, tokenizer, teacher, teacher_cache, voca
 
 
 def _prepare_training(cfg: Config, accelerator, student_lm, data: _Data, pad_id: int,
-                      teacher_pad_id: Optional[int] = None) -> _Training:
+                      teacher_pad_id: Optional[int] = None, teacher=None) -> _Training:
     """5. The DecoderOnly student, data loader, AdamW and the cosine schedule, through accelerate.prepare.
-    ``teacher_pad_id``: batches carry the teacher's own sequences too (objective.cross_tokenizer)."""
+    ``teacher_pad_id``: batches carry the teacher's own sequences too (objective.cross_tokenizer). With
+    train.parallel fsdp and several processes, student and teacher are sharded in place here (kdlm.train.sharding;
+    after step 3, whose teacher generation runs on one process at a time) and accelerate prepares the rest."""
     from transformers import get_cosine_schedule_with_warmup
 
     student = DecoderOnly(student_lm)
+    sharded = cfg.train.parallel == "fsdp" and accelerator.num_processes > 1
+    if sharded:
+        sharding.shard_student(student, cfg.train, accelerator.device)
+        if teacher is not None:
+            sharding.shard_teacher(teacher, cfg.train, accelerator.device)
     sampler = EpochSampler(len(data.train_items), cfg.train.seed)
     loader = DataLoader(
         data.train_items, batch_size=cfg.train.batch_size, sampler=sampler,
@@ -404,7 +415,10 @@ def _prepare_training(cfg: Config, accelerator, student_lm, data: _Data, pad_id:
     )
     trainable = [p for p in student.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    if sharded:  # already distributed: accelerate must not wrap it in DDP as well
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+    else:
+        student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum)
     if data.mixer is not None:
         steps_per_epoch = max(1, len(data.mixer.train_items) // data.mixer.sampler.per_step)
@@ -420,7 +434,8 @@ def _resume(resume_from: Optional[Path], accelerator, training: _Training, mixer
     the objective's state)."""
     if resume_from is None:
         return TrainState()
-    state = load_checkpoint(resume_from, accelerator, training.student_lm, training.optimizer, training.scheduler)
+    state = load_checkpoint(resume_from, accelerator, training.student_lm, training.optimizer, training.scheduler,
+                            parallel=cfg.train.parallel)
     objective.load_state_dict(load_objective_state(resume_from, accelerator.process_index))
     if accelerator.is_main_process:
         _truncate_metrics(run_dir / "metrics.jsonl", state.step)
@@ -456,8 +471,9 @@ def _step_loop(cfg: Config, accelerator, run_dir: Path, objective, t: _Training,
         if data.mixer is None:
             return [next(batches) for _ in range(cfg.train.grad_accum)]
         # DDK & co.: the step's examples by domain weights (re-weighted every interval)
-        window, mixing_stats[step] = data.mixer.window(step, t.student_lm, accelerator.device,
-                                                       partial(broadcast, from_process=0))
+        with full_parameters(t.student_lm):  # its perplexities call the bare model (fsdp: gathered)
+            window, mixing_stats[step] = data.mixer.window(step, t.student_lm, accelerator.device,
+                                                           partial(broadcast, from_process=0))
         return window
 
     while state.step < t.total_steps:
@@ -505,7 +521,7 @@ def _accumulate(accelerator, objective, student, window: list[dict], units: int,
         last = index == len(window) - 1
         with (nullcontext() if last else accelerator.no_sync(student)), accelerator.autocast():
             out = objective(student, batch)
-            # DDP averages gradients over processes, hence the factor num_processes.
+            # DDP and FSDP2 average gradients over processes, hence the factor num_processes.
             loss = out.loss_sum * accelerator.num_processes / max(units, 1)
         accelerator.backward(loss)
         after_microbatch()
@@ -520,7 +536,10 @@ def _optimizer_step(cfg: Config, accelerator, t: _Training, totals: torch.Tensor
     """Clip and step, unless the step is non-finite. The global gradient norm (all processes, after DDP's
     all-reduce) and the global loss decide, so every process skips the same steps. A skipped step consumes its data
     but changes no weight."""
-    grad_norm = float(accelerator.clip_grad_norm_(t.student.parameters(), cfg.train.max_grad_norm or math.inf))
+    if sharding.is_sharded(t.student):
+        grad_norm = sharding.clip_grad_norm(t.student.parameters(), cfg.train.max_grad_norm or math.inf)
+    else:
+        grad_norm = float(accelerator.clip_grad_norm_(t.student.parameters(), cfg.train.max_grad_norm or math.inf))
     finite = math.isfinite(grad_norm) and math.isfinite(float(totals[0]))
     if finite:
         t.optimizer.step()
@@ -538,11 +557,20 @@ def _stop_nonfinite(run_dir: Path, step: int, in_a_row: int) -> None:
     )
 
 
+def _evaluate(student_lm, **kwargs) -> dict:
+    """Held-out evaluation (kdlm.eval.heldout) of the student; fsdp: student and teacher gathered meanwhile, since the
+    evaluation calls the bare models, and run by every process (the sharded models' hooks may communicate, measured:
+    process 0 alone ran into a collective of the training step)."""
+    with full_parameters(student_lm, kwargs.get("teacher")):
+        return evaluate_and_report(student_lm, every_process=sharding.is_sharded(student_lm), **kwargs)
+
+
 def _finish(cfg: Config, accelerator, run_dir: Path, student_lm, tokenizer, data: _Data, evaluate, summary: dict,
             started: float, peak_rss_scope: str) -> dict:
     """8. Final student (LoRA: the adapter and the merged model), after-evaluation, mixing report, summary.json."""
+    weights = sharding.full_state_dict(student_lm)  # fsdp: every process takes part in the gather; else None
     if accelerator.is_main_process:
-        save_student(student_lm, tokenizer, run_dir / "final")
+        save_student(student_lm, tokenizer, run_dir / "final", state_dict=weights)
     if cfg.eval.enabled and data.eval_items:
         summary["after"] = evaluate(student_lm, tag="after")
     if data.mixer is not None and accelerator.is_main_process:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from kdlm.data.format import IGNORE
 from kdlm.sampler import first_stops, left_pad, sample_rows, sample_tokens
+from kdlm.train.sharding import full_parameters
 
 __all__ = ["Engine", "RolloutStats", "SamplingSettings", "hf_engine", "sample_responses", "sample_window"]
 
@@ -248,7 +249,8 @@ def sample_window(model: nn.Module, batches: Sequence[dict[str, Tensor]], row_se
     if settings.max_length is not None:  # tokens past the cap of even the shortest prompt's row would be cut anyway
         max_new = min(max_new, settings.max_length - int(lengths.min()))
     call_settings = SamplingSettings(**{**asdict(settings), "max_new_tokens": max_new})
-    tokens, logprobs = engine(model, prompts, prompt_mask, [s for seeds in row_seeds for s in seeds], call_settings)
+    with full_parameters(model):  # train.parallel fsdp: the engine calls (or exports) the bare model, gathered meanwhile
+        tokens, logprobs = engine(model, prompts, prompt_mask, [s for seeds in row_seeds for s in seeds], call_settings)
 
     out, generated, stopped, row = [], 0, 0, 0
     for ids, lengths_b in checked:

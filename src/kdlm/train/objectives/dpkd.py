@@ -105,12 +105,14 @@ class DPKDSequence(ObjectiveBase):
         return logp, mask
 
     def __call__(self, student: nn.Module, batch: dict) -> StepOutput:
-        s_head = OutputHead.of(unwrap(student).lm, self.vocab_size)
         t_head = OutputHead.of(self.teacher, self.vocab_size)
         sides = {}
         for side, prefix in (("chosen", ""), ("rejected", "rejected_")):
             ids, attn, labels = batch[prefix + "input_ids"], batch[prefix + "attention_mask"], batch[prefix + "labels"]
-            s_logp, mask = self._token_logps(student(ids, attn), s_head, labels)
+            hidden = student(ids, attn)
+            # Read after the forward: train.parallel fsdp gathers the student's output layer in its forward.
+            s_head = OutputHead.of(unwrap(student).lm, self.vocab_size)
+            s_logp, mask = self._token_logps(hidden, s_head, labels)
             with torch.no_grad():
                 t_logp, _ = self._token_logps(DecoderOnly(self.teacher)(ids, attn), t_head, labels)
             sides[side] = (s_logp, t_logp, mask)

@@ -1,0 +1,95 @@
+"""train.parallel fsdp: the config checks (fast tier). The 2-process runs are in test_sharding_slow.py."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_config
+
+from kdlm.config import ConfigError, LoRAConfig
+
+
+def test_fsdp_refuses_a_lora_student(tiny, tmp_path):
+    """LoRA under fsdp is a ConfigError naming train.parallel, raised before any model is loaded."""
+    with pytest.raises(ConfigError, match="student.lora is not supported with train.parallel fsdp"):
+        tiny_config(tiny, tmp_path, **{"train.parallel": "fsdp", "student.lora": LoRAConfig(r=4)})
+
+
+def test_fsdp_options_need_fsdp(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="only apply to train.parallel fsdp"):
+        tiny_config(tiny, tmp_path, **{"train.fsdp_cpu_offload": True})
+    cfg = tiny_config(tiny, tmp_path, **{"train.parallel": "fsdp", "train.fsdp_param_dtype": "bfloat16"})
+    assert cfg.train.parallel == "fsdp"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for CPU-only machines")
+def test_fsdp_cpu_offload_without_a_gpu_is_a_config_error():
+    """FSDP2's CPUOffloadPolicy needs an accelerator (measured: it fails on CPU with "Cannot access accelerator
+    device when none is available"): kdlm says so, naming the field, instead of that error."""
+    from kdlm.config import TrainConfig
+    from kdlm.train.sharding import _policies
+
+    with pytest.raises(ConfigError, match="train.fsdp_cpu_offload needs a GPU"):
+        _policies(TrainConfig(parallel="fsdp", fsdp_cpu_offload=True))
+    assert "offload_policy" not in _policies(TrainConfig(parallel="fsdp"))
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A 1-process gloo group in this process (FSDP2 needs one), always destroyed after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_tied_head_gets_the_fused_loss_gradient(one_process_group):
+    """FSDP2 student (layers + DecoderOnly root), tied embeddings, padded vocabulary: the fused loss reads the output
+    layer after the forward, and the gradient it produces reaches the sharded parameter: the tied embedding's gradient
+    equals the unsharded model's (which gets both the embedding's and the head's part). Reading the head while the
+    root is sharded, for a trainable weight, is refused."""
+    import copy
+
+    import torch
+    from conftest import make_llama
+
+    from kdlm import losses
+    from kdlm.config import TrainConfig
+    from kdlm.models import DecoderOnly, OutputHead
+    from kdlm.train.sharding import full_parameters, shard_student
+
+    vocab = 40
+    plain = make_llama(vocab + 6, layers=2, seed=4, tie=True)
+    sharded = DecoderOnly(copy.deepcopy(plain))
+    shard_student(sharded, TrainConfig(parallel="fsdp"), torch.device("cpu"))
+    lm = sharded.lm
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # still one parameter
+    with pytest.raises(RuntimeError, match="read outside its forward"):
+        OutputHead.of(lm, vocab)
+    ids = torch.tensor([[3, 7, 9, 12, 5, 30], [2, 8, 8, 1, 39, 4]])
+    attention = torch.ones_like(ids)
+    teacher_logits_weight = torch.randn(vocab, 32)
+    teacher_hidden = torch.randn(12, 32)
+    mask = torch.ones(12, dtype=torch.bool)
+    labels = ids.roll(-1, dims=1).reshape(-1)
+
+    def loss(model: DecoderOnly) -> torch.Tensor:
+        hidden = model(ids, attention).reshape(12, -1)
+        head = OutputHead.of(model.lm, vocab)  # after the forward: gathered by the root unit
+        terms = losses.fused_kd_terms(hidden, head.weight, teacher_hidden, teacher_logits_weight, mask,
+                                      labels=labels, kd_ratio=0.5, chunk_size=5)
+        return terms.loss_sum
+
+    reference = DecoderOnly(plain)
+    loss(reference).backward()
+    loss(sharded).backward()
+    grad = lm.model.embed_tokens.weight.grad
+    grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+    assert torch.allclose(grad, plain.model.embed_tokens.weight.grad, atol=1e-6)
+    with full_parameters(lm):  # gathered as plain tensors: the bare model runs (sampling, evaluation)
+        assert not hasattr(lm.lm_head.weight, "full_tensor")
+        with torch.no_grad():
+            assert torch.allclose(lm(ids).logits, plain(ids).logits, atol=1e-6)
+    assert hasattr(lm.lm_head.weight, "full_tensor")  # sharded again after
