@@ -209,9 +209,10 @@ def write_markdown(r: dict, path: Path) -> None:
     a = r["args"]
     lines = [
         f"Demo setup (SmolLM2-135M-Instruct teacher, 9-layer pruned student, batch 8, float32, top-k {a['k']}, "
-        f"the first {a['examples']} demo examples), {r['cpus']}-core CPU shared with other jobs: load average "
+        f"the first {a['examples']} demo examples), {r['cpus']}-core CPU, 1-minute load average "
         f"{r['load_average_start'][0]:.1f} at the start, {r['load_average_end'][0]:.1f} at the end. Command: "
-        "`.venv/bin/python benchmarks/served_teacher.py`.",
+        f"`.venv/bin/python benchmarks/served_teacher.py --examples {a['examples']} --steps {a['steps']} "
+        f"--rounds {a['rounds']}`.",
         "",
         f"Step time (forward, loss, backward, AdamW; median of {a['steps']} steps x {a['rounds']} rounds after a warm-up):",
         "",
