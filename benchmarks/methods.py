@@ -286,7 +286,7 @@ class MemoTeacher(nn.Module):
     def load(self, path: Path) -> None:
         """Add the hidden states saved by :meth:`save` (an earlier invocation on the same teacher and test set)."""
         device = next(self.lm.parameters()).device
-        self.base_model.memo.update({k: v.to(device) for k, v in torch.load(path, map_location="cpu").items()})
+        self.base_model.memo.update({k: v.to(device) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()})
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
