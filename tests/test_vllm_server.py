@@ -63,3 +63,37 @@ def test_demo_teacher_served_with_prompt_logprobs(vllm_demo_teacher):
     for entry in positions[1:]:
         assert 3 <= len(entry) <= 4  # top-3, plus the actual token when it is not among them
         assert all(value["logprob"] <= 0.0 for value in entry.values())
+
+
+def test_server_dies_with_the_process_that_started_it(tmp_path):
+    # A run killed with SIGKILL runs no clean-up: the server (here a fake that never gets ready) must not outlive it.
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "server.pid"
+    fake = _fake_python(tmp_path, f"echo $$ > {pid_file}; exec sleep 300")
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "from kdlm.vllm_server import VLLMServer; "
+        f"VLLMServer('{tmp_path}/model', log_path='{tmp_path}/server.log', startup_timeout=300).start()")],
+        env={**os.environ, "KDLM_VLLM_PYTHON": str(fake)})
+    try:
+        for _ in range(600):
+            if pid_file.is_file() and pid_file.read_text().strip():
+                break
+            time.sleep(0.1)
+        server = int(pid_file.read_text())
+        assert Path(f"/proc/{server}").exists()  # the fake server runs while its parent waits for it
+    finally:
+        parent.kill()
+        parent.wait()
+    for _ in range(100):
+        state = Path(f"/proc/{server}/stat")
+        if not state.exists() or state.read_text().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    state = Path(f"/proc/{server}/stat")
+    alive = state.exists() and state.read_text().split()[2] != "Z"
+    if alive:  # the test fails, and does not leave the fake server behind
+        os.kill(server, 9)
+    assert not alive

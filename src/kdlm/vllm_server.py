@@ -54,6 +54,18 @@ def get_json(url: str, timeout: float = 10.0) -> dict:
         return json.loads(response.read().decode("utf-8"))
 
 
+def _die_with_parent() -> None:
+    """In the server's child process before exec: Linux sends it SIGKILL when the process (thread) that started it
+    dies, so a training run killed by SIGTERM/SIGKILL, which skips :meth:`VLLMServer.stop`, leaves no server behind
+    (``prctl(PR_SET_PDEATHSIG)``; a no-op where it is not available)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class VLLMServer:
     """One ``vllm.entrypoints.openai.api_server`` child process serving ``model`` on ``host:port``.
 
@@ -91,7 +103,7 @@ class VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.startup_timeout
         try:
             while True:
