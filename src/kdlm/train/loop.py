@@ -419,6 +419,7 @@ def _prepare_training(cfg: Config, accelerator, student_lm, data: _Data, pad_id:
         optimizer, loader = accelerator.prepare(optimizer, loader)
     else:
         student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    sharding.release_freed_memory()  # the full models freed by sharding (and pruning's copy) leave the process
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum)
     if data.mixer is not None:
         steps_per_epoch = max(1, len(data.mixer.train_items) // data.mixer.sampler.per_step)
