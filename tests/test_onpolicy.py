@@ -375,3 +375,35 @@ def test_kill_in_the_middle_of_a_window_then_resume_is_exact(tiny, tmp_path):
     a = load_file(tmp_path / "full" / "run" / "final" / "model.safetensors")
     b = load_file(run / "final" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_dpkd_sequence_kill_and_resume_keeps_the_rejected_responses(tiny, tmp_path):
+    """DPKD's sequence form reuses a prompt's sampled y_s for refresh_every steps (the tiny data repeats every
+    prompt four times per epoch). SIGKILL after step 5's micro-batches, the newest checkpoint at step 3: the resumed
+    run must reuse the y_s sampled before the checkpoint (saved with it), so its losses and resample counts equal
+    the uninterrupted run's; a resume that forgot them would resample at step 4."""
+    import os
+    import subprocess
+    import sys
+
+    from kdlm.config import save_resolved
+
+    common = {"train.max_steps": 6, "train.save_every": 3, "train.log_every": 1, "train.save_total_limit": 10,
+              "objective.name": "dpkd", "objective.dpkd_form": "sequence", "objective.sampling.max_new_tokens": 6,
+              "objective.refresh_every": 100}
+    distill(tiny_config(tiny, tmp_path / "full", **common))
+    reference = _metrics(tmp_path / "full" / "run")
+    assert reference[3]["dpkd/resampled"] < 4  # step 4 reuses responses sampled before the checkpoint
+    config_file = tmp_path / "killed.yaml"
+    save_resolved(tiny_config(tiny, tmp_path / "killed", **common), config_file)
+    command = [sys.executable, "-m", "kdlm", "distill", "--config", str(config_file)]
+    killed = subprocess.run(command, env={**os.environ, "KDLM_FAULT_KILL_AFTER_MICROBATCHES": "5"},
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = _metrics(tmp_path / "killed" / "run")
+    assert [m["step"] for m in after] == list(range(1, 7))
+    assert [m["dpkd/resampled"] for m in after] == [m["dpkd/resampled"] for m in reference]
+    for ours, theirs in zip(after, reference):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-6)

@@ -87,6 +87,14 @@ class DPKDSequence(ObjectiveBase):
                                   step, "student", process_index)
         return out, {"dpkd/resampled": float(fresh)}
 
+    def state_dict(self) -> dict:
+        """The rejected responses kept for reuse (prompt tokens, step sampled, completion): without them a resumed run
+        would resample every prompt at its first step and part from the uninterrupted run."""
+        return {"rejected": [[list(key), step, completion] for key, (step, completion) in self._rejected.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rejected = {tuple(key): (step, list(completion)) for key, step, completion in state.get("rejected", [])}
+
     def _rejected_batch(self, batch: dict, keys: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
         items = []
         for key in keys:
