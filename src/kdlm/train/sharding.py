@@ -87,16 +87,17 @@ def _bare(lm: nn.Module) -> nn.Module:
     return lm.get_base_model() if is_peft_model(lm) else lm
 
 
-def _shard(root: nn.Module, lm: nn.Module, cfg: TrainConfig, root_reshards: bool) -> list[tuple[nn.Module, bool]]:
-    """fully_shard on each decoder layer of ``lm`` (freed after its forward), then on ``root``; the units, root first,
-    with their reshard_after_forward."""
+def _shard(root: nn.Module, lm: nn.Module, cfg: TrainConfig, root_reshards: bool,
+           layers_reshard: bool = True) -> list[tuple[nn.Module, bool]]:
+    """fully_shard on each decoder layer of ``lm`` (freed after its forward when ``layers_reshard``), then on
+    ``root``; the units, root first, with their reshard_after_forward."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = _policies(cfg)
     units = [(root, root_reshards)]
     for layer in _layers(lm):
-        fully_shard(layer, reshard_after_forward=True, **kwargs)
-        units.append((layer, True))
+        fully_shard(layer, reshard_after_forward=layers_reshard, **kwargs)
+        units.append((layer, layers_reshard))
     fully_shard(root, reshard_after_forward=root_reshards, **kwargs)
     return units
 
@@ -111,14 +112,15 @@ def shard_student(student: DecoderOnly, cfg: TrainConfig, device: torch.device) 
     """
     lm = _bare(student.lm)
     tied = _tied(lm)
-    units = _shard(student, lm, cfg, root_reshards=False)
+    units = _shard(student, lm, cfg, root_reshards=False, layers_reshard=cfg.fsdp_reshard_after_forward)
     if tied and not _tied(lm):  # never expected: the tied pair is one parameter of the root unit
         raise RuntimeError("sharding untied the student's embeddings and output layer")
     _UNITS[student] = units
     _UNITS[student.lm] = units
     with torch.no_grad():
         student(torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, 1, dtype=torch.long, device=device))
-    student.reshard()
+    for unit, _ in units:  # layers kept after their forward (fsdp_reshard_after_forward false) too
+        unit.reshard()
     return student
 
 
