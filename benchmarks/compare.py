@@ -183,6 +183,31 @@ def ensure_sft_start(args, teacher_dir: Path, eval_file: Path, layers: int) -> t
     return train_cached(args, f"sft_start{layers}", settings, flags, args.sft_steps, eval_file)
 
 
+def check_shared(cells_dir: Path, kind: str, info: dict) -> None:
+    """The shared parts (fine-tuned teacher, SFT starts) live in a machine-local cache, so a session on a fresh
+    machine trains them again; the cells stored by earlier sessions were scored against the earlier ones. Record
+    each part's per-step training losses in ``<cells>/shared.json`` the first time, and stop if a recomputed part's
+    losses differ (the cells could not be mixed then): training is seeded and deterministic on CPU, so they should
+    match exactly."""
+    record_file = cells_dir / "shared.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    losses = [m["loss"] for m in info.get("metrics", []) if "loss" in m]
+    entry = {"settings": info.get("settings"), "losses": losses}
+    known = record.get(kind)
+    if known is not None and known["settings"] == entry["settings"]:
+        if len(known["losses"]) != len(losses) or any(
+                abs(a - b) > 1e-4 * max(1.0, abs(a)) for a, b in zip(known["losses"], losses)):
+            raise SystemExit(f"{kind}: its training losses differ from the ones recorded in {record_file} when the "
+                             f"stored cells were scored (first: {known['losses'][:3]} vs now {losses[:3]}); the cells "
+                             f"of {cells_dir} were scored against another {kind}: move that folder aside to start over")
+        return
+    record[kind] = entry
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    tmp = record_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(record_file)
+
+
 def evaluate_cell(evaluator: Evaluator, args, model_dir: Path, run_dir: Path) -> dict:
     """One model's evaluation: per-example scores (:data:`SCORES`), the overall and per-domain aggregates, and
     ``eval_greedy.json`` / ``eval_sample.json`` + predictions in ``run_dir`` (for ``kdlm report``)."""
@@ -413,13 +438,15 @@ def write_outputs(args, summary: dict, planned: list[tuple[str, Optional[int]]],
 
 
 # ------------------------------------------------------------------------------------------------ main
-def run_candidates(args, teacher_dir: Path, eval_file: Path, evaluator: Evaluator, teacher_cell: dict) -> None:
+def run_candidates(args, teacher_dir: Path, eval_file: Path, evaluator: Evaluator, teacher_cell: dict,
+                   cells_dir: Path) -> None:
     """Measure SFT-started students of each ``--candidates`` size against the teacher (the student choice)."""
     out = Path(args.out + "_candidates")
     rows = []
     for layers in args.candidate_list:
         t0 = time.time()
         folder, info = ensure_sft_start(args, teacher_dir, eval_file, layers)
+        check_shared(cells_dir, f"sft_start{layers}", info)
         cell = evaluate_cell(evaluator, args, folder, Path(args.work) / f"candidate{layers}")
         rows.append({"layers": layers, "sft_seconds": info["train_seconds"], "s_per_step": info["s_per_step"],
                      **{k: v for k, v in cell["aggregate"].items() if k != "domains"}, "seconds": time.time() - t0})
@@ -450,7 +477,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     eval_file = work / "test_subset.jsonl"
     write_subset(args, load_tokenizer(args.base_teacher), eval_file)
-    teacher_dir, _ = ensure_teacher(args, eval_file)
+    teacher_dir, teacher_info = ensure_teacher(args, eval_file)
+    check_shared(cells_dir, "teacher_ft", teacher_info)
     memo = work / f"teacher_hidden-{fingerprint([teacher_dir.name, file_id(eval_file), args.eval_batch_size])}.pt"
     evaluator = Evaluator(args, teacher_dir, eval_file, args.device, memo_file=memo)
     cells = load_cells(cells_dir)
@@ -467,9 +495,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     teacher_cell = base_cell("teacher_ft", teacher_dir)
     if args.candidate_list:
-        run_candidates(args, teacher_dir, eval_file, evaluator, teacher_cell)
+        run_candidates(args, teacher_dir, eval_file, evaluator, teacher_cell, cells_dir)
         return 0
     sft_dir, sft_info = ensure_sft_start(args, teacher_dir, eval_file, args.student_layers)
+    check_shared(cells_dir, f"sft_start{args.student_layers}", sft_info)
     phases["SFT start"] = sft_info["train_seconds"]
     base_cell("sft_start", sft_dir)
 

@@ -154,3 +154,17 @@ def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, c
     assert "time budget reached before sft seed 2" in third and "sft:2 fkl:2" in third
     assert sorted(p.name for p in cells_dirs[0].glob("*.json")) == cell_files
     assert "Not run yet (2 cells): sft seed 2, fkl seed 2." in out.with_suffix(".md").read_text()
+
+
+def test_a_recomputed_shared_part_must_match_the_recorded_one(compare, tmp_path):
+    """A fresh machine retrains the teacher and SFT start: the first losses are recorded, the same ones pass, and
+    different ones stop the run (the stored cells were scored against the recorded part)."""
+    info = {"settings": {"steps": 3}, "metrics": [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}]}
+    compare.check_shared(tmp_path, "teacher_ft", info)
+    assert json.loads((tmp_path / "shared.json").read_text())["teacher_ft"]["losses"] == [2.5, 2.25]
+    compare.check_shared(tmp_path, "teacher_ft", info)  # the same part again: fine
+    changed = {**info, "metrics": [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.3}]}
+    with pytest.raises(SystemExit, match="teacher_ft: its training losses differ"):
+        compare.check_shared(tmp_path, "teacher_ft", changed)
+    other = {"settings": {"steps": 4}, "metrics": [{"step": 1, "loss": 9.0}]}
+    compare.check_shared(tmp_path, "teacher_ft", other)  # other settings: a different part, recorded anew
