@@ -234,28 +234,31 @@ def _lora():
     return {"student.lora": LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), "train.lr": 1e-2}
 
 
-def test_fsdp_lora_student_equals_one_process_double_batch(tied, tmp_path):
+@pytest.mark.parametrize("name", ["kd", "gkd"])
+def test_fsdp_lora_student_equals_one_process_double_batch(tied, tmp_path, name):
     """A LoRA student under fsdp (frozen base weights and trainable adapters in the same FSDP2 units): 2 × batch 2
     gives the losses of 1 process × batch 4 (rel 1e-5), and the same final folder: the adapter (within 1e-5, the
     same adapter_config.json) and the merged model (within 1e-5), whose weights outside the adapted layers are the
-    pruned student's, unchanged, with the tied embeddings still one tensor."""
+    pruned student's, unchanged, with the tied embeddings still one tensor. gkd: greedy rollouts from the gathered
+    LoRA student."""
     from transformers import AutoModelForCausalLM
 
-    common = {**_lora(), "train.grad_accum": 2}
+    common = {**OBJECTIVES[name], **_lora(), "train.grad_accum": 2}
     one = _run(tied, tmp_path / "one", 1, **common, **{"train.batch_size": 4})
     fsdp = _run(tied, tmp_path / "fsdp", 2, **common, **{"train.batch_size": 2, "train.parallel": "fsdp"})
     report = json.loads((fsdp / "summary.json").read_text())["sharding"]  # it did run sharded, still tied
     assert report["student_tied"] and report["student_local_bytes"] < 0.6 * report["student_full_bytes"]
     reference, got = _metrics(one), _metrics(fsdp)
     assert len(got) == len(reference) == 4
+    assert [m["response_tokens"] for m in got] == [m["response_tokens"] for m in reference]
     for a, b in zip(reference, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    for name in ("adapter/adapter_model.safetensors", "model.safetensors"):
-        wa, wb = load_file(one / "final" / name), load_file(fsdp / "final" / name)
-        assert set(wa) == set(wb) and wa, name
+    for file in ("adapter/adapter_model.safetensors", "model.safetensors"):
+        wa, wb = load_file(one / "final" / file), load_file(fsdp / "final" / file)
+        assert set(wa) == set(wb) and wa, file
         for key in wa:
-            assert torch.allclose(wa[key], wb[key], atol=1e-5), (name, key)
+            assert torch.allclose(wa[key], wb[key], atol=1e-5), (file, key)
     adapter = load_file(fsdp / "final" / "adapter" / "adapter_model.safetensors")
     assert any("lora_B" in k for k in adapter) and all(float(v.abs().max()) > 0 for v in adapter.values())
     configs = [json.loads((run / "final" / "adapter" / "adapter_config.json").read_text()) for run in (one, fsdp)]
