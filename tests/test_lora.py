@@ -211,6 +211,32 @@ def test_save_student_writes_adapter_and_merged_model(tmp_path):
     assert AutoTokenizer.from_pretrained(folder).get_vocab() == tokenizer.get_vocab()
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_save_student_from_given_full_weights_writes_what_the_model_would(tmp_path, tie):
+    """train.parallel fsdp hands save_student the gathered full weights of a sharded LoRA student (its own
+    parameters are shards): the folder holds those weights, byte for byte what saving the model itself writes, and
+    the model's own parameters are not read (here: zeroed after taking the weights)."""
+    tokenizer = make_tokenizer()
+    peft_model = apply_lora(make_llama(len(tokenizer), layers=2, seed=5, tie=tie),
+                            LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    _randomise_adapters(peft_model, seed=2)
+    save_student(peft_model, tokenizer, tmp_path / "own")
+    weights = {k: v.detach().clone() for k, v in peft_model.state_dict().items()}
+    if tie:  # full_state_dict keeps a tied pair one tensor
+        weights["base_model.model.lm_head.weight"] = weights["base_model.model.model.embed_tokens.weight"]
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            param.zero_()
+    save_student(peft_model, tokenizer, tmp_path / "given", state_dict=weights)
+    for name in ("adapter/adapter_model.safetensors", "model.safetensors"):
+        own, given = load_file(tmp_path / "own" / name), load_file(tmp_path / "given" / name)
+        assert set(own) == set(given) and own, name
+        assert all(torch.equal(own[k], given[k]) for k in own), name
+    for name in ("adapter/adapter_config.json", "config.json"):
+        assert (json.loads((tmp_path / "own" / name).read_text()) | {"target_modules": None}
+                == json.loads((tmp_path / "given" / name).read_text()) | {"target_modules": None}), name
+
+
 # --- training --------------------------------------------------------------------------------------------------
 
 

@@ -8,10 +8,11 @@ from conftest import tiny_config
 from kdlm.config import ConfigError, LoRAConfig
 
 
-def test_fsdp_refuses_a_lora_student(tiny, tmp_path):
-    """LoRA under fsdp is a ConfigError naming train.parallel, raised before any model is loaded."""
-    with pytest.raises(ConfigError, match="student.lora is not supported with train.parallel fsdp"):
-        tiny_config(tiny, tmp_path, **{"train.parallel": "fsdp", "student.lora": LoRAConfig(r=4)})
+def test_fsdp_accepts_a_lora_student(tiny, tmp_path):
+    """LoRA under fsdp is a valid config (the 2-process runs are in test_sharding_slow.py), with the fsdp options."""
+    cfg = tiny_config(tiny, tmp_path, **{"train.parallel": "fsdp", "train.fsdp_reshard_after_forward": False,
+                                         "student.lora": LoRAConfig(r=4)})
+    assert cfg.train.parallel == "fsdp" and cfg.student.lora.r == 4
 
 
 def test_fsdp_options_need_fsdp(tiny, tmp_path):

@@ -226,3 +226,85 @@ def test_fsdp_other_objectives_and_options_equal_one_process(tied, tmp_path, nam
             assert have["overall"]["kl"] == pytest.approx(want["overall"]["kl"], rel=1e-5)
             assert have["samples"] == want["samples"]
 
+
+
+def _lora():
+    from kdlm.config import LoRAConfig
+
+    return {"student.lora": LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), "train.lr": 1e-2}
+
+
+@pytest.mark.parametrize("name", ["kd", "gkd"])
+def test_fsdp_lora_student_equals_one_process_double_batch(tied, tmp_path, name):
+    """A LoRA student under fsdp (frozen base weights and trainable adapters in the same FSDP2 units): 2 × batch 2
+    gives the losses of 1 process × batch 4 (rel 1e-5), and the same final folder: the adapter (within 1e-5, the
+    same adapter_config.json) and the merged model (within 1e-5), whose weights outside the adapted layers are the
+    pruned student's, unchanged, with the tied embeddings still one tensor. gkd: greedy rollouts from the gathered
+    LoRA student."""
+    from transformers import AutoModelForCausalLM
+
+    common = {**OBJECTIVES[name], **_lora(), "train.grad_accum": 2}
+    one = _run(tied, tmp_path / "one", 1, **common, **{"train.batch_size": 4})
+    fsdp = _run(tied, tmp_path / "fsdp", 2, **common, **{"train.batch_size": 2, "train.parallel": "fsdp"})
+    report = json.loads((fsdp / "summary.json").read_text())["sharding"]  # it did run sharded, still tied
+    assert report["student_tied"] and report["student_local_bytes"] < 0.6 * report["student_full_bytes"]
+    reference, got = _metrics(one), _metrics(fsdp)
+    assert len(got) == len(reference) == 4
+    assert [m["response_tokens"] for m in got] == [m["response_tokens"] for m in reference]
+    for a, b in zip(reference, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    for file in ("adapter/adapter_model.safetensors", "model.safetensors"):
+        wa, wb = load_file(one / "final" / file), load_file(fsdp / "final" / file)
+        assert set(wa) == set(wb) and wa, file
+        for key in wa:
+            assert torch.allclose(wa[key], wb[key], atol=1e-5), (file, key)
+    adapter = load_file(fsdp / "final" / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k for k in adapter) and all(float(v.abs().max()) > 0 for v in adapter.values())
+    configs = [json.loads((run / "final" / "adapter" / "adapter_config.json").read_text()) for run in (one, fsdp)]
+    for config in configs:  # peft writes a set (any order); the YAML round trip of torchrun's config gives 8.0
+        config["target_modules"], config["lora_alpha"] = sorted(config["target_modules"]), float(config["lora_alpha"])
+    assert configs[0] == configs[1]
+    # The merged weights: the adapted layers moved, everything else is the pruned student's (layers 0 and 3).
+    teacher = load_file(tied["teacher"] / "model.safetensors")
+    merged = load_file(fsdp / "final" / "model.safetensors")
+    for key, value in merged.items():
+        source = key.replace("layers.1.", "layers.3.")
+        if "q_proj" in key or "v_proj" in key:
+            assert not torch.allclose(value, teacher[source], atol=1e-4), key
+        else:
+            assert torch.equal(value, teacher[source]), key
+    model = AutoModelForCausalLM.from_pretrained(fsdp / "final")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_fsdp_lora_kill_then_resume_is_exact_and_checkpoints_hold_the_adapters_only(tied, tmp_path, monkeypatch):
+    """A LoRA student under fsdp, SIGKILL inside the accumulation window of step 5 (second epoch); --resume from
+    the step-3 sharded checkpoint repeats the uninterrupted run's losses and final adapter. The sharded checkpoint
+    holds the adapters and their AdamW state only (the frozen base is rebuilt from the config, as under ddp)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    common = {**_lora(), "train.max_steps": 6, "train.grad_accum": 2, "train.batch_size": 2, "train.save_every": 3,
+              "train.save_total_limit": 10, "train.parallel": "fsdp"}
+    reference = _metrics(_run(tied, tmp_path / "full", 2, **common))
+    cfg = tiny_config(tied, tmp_path / "killed", **{"train.log_every": 1, **common})
+    save_resolved(cfg, tmp_path / "killed.yaml")
+    monkeypatch.setenv("KDLM_FAULT_KILL_AFTER_MICROBATCHES", "9")  # the first half of step 5
+    killed = _launch(tmp_path / "killed.yaml", 2)
+    monkeypatch.delenv("KDLM_FAULT_KILL_AFTER_MICROBATCHES")
+    run = tmp_path / "killed" / "run"
+    assert killed.returncode != 0
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-0000003"]
+    stored = FileSystemReader(str(run / "checkpoint-0000003" / "sharded")).read_metadata().state_dict_metadata
+    weights = [key for key in stored if key.startswith("model.")]
+    assert weights and all("lora_A" in key or "lora_B" in key for key in weights), weights
+    assert len(weights) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (A, B)
+    resumed = _launch(tmp_path / "killed.yaml", 2, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    after = _metrics(run)
+    assert [m["step"] for m in after] == list(range(1, 7))
+    for ours, theirs in zip(after, reference, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-6)
+    a = load_file(tmp_path / "full" / "run" / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(run / "final" / "adapter" / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -455,9 +455,6 @@ def validate(cfg: Config) -> Config:
             errors.append("student.keep_layers must be a non-empty list of distinct layer indices")
         if s.num_layers < 1:
             errors.append("student.num_layers must be >= 1")
-    if t.parallel == "fsdp" and s.lora is not None:
-        errors.append("student.lora is not supported with train.parallel fsdp yet (peft's adapters inside FSDP2 "
-                      "units are untested): use train.parallel ddp for a LoRA student")
     if t.parallel != "fsdp" and (t.fsdp_param_dtype != "float32" or t.fsdp_cpu_offload
                                  or not t.fsdp_reshard_after_forward):
         errors.append("train.fsdp_param_dtype, train.fsdp_cpu_offload and train.fsdp_reshard_after_forward only "

@@ -461,9 +461,12 @@ def save_student(student_lm: nn.Module, tokenizer, folder: Path, state_dict: Opt
     folder / "adapter")`` where base is the student before training, e.g. the pruned teacher) and, at the root,
     the merged full model and the tokenizer. The merge is done on a copy: the model being trained is untouched
     (the copy costs one more model's memory for the moment of saving). ``state_dict``: the full weights to write in
-    place of the model's own (a sharded student's, gathered by kdlm.train.sharding.full_state_dict).
+    place of the model's own (a sharded student's, gathered by kdlm.train.sharding.full_state_dict); for a LoRA
+    student they are loaded into an unsharded copy (:func:`_unsharded_peft_copy`), which is then written as above.
     """
     folder = Path(folder)
+    if is_peft_model(student_lm) and state_dict is not None:
+        student_lm = _unsharded_peft_copy(student_lm, state_dict)
     if is_peft_model(student_lm):
         # save_embedding_layers=False: the vocabulary is never resized, and "auto" would query the hub.
         student_lm.save_pretrained(folder / "adapter", safe_serialization=True, save_embedding_layers=False)
@@ -473,6 +476,30 @@ def save_student(student_lm: nn.Module, tokenizer, folder: Path, state_dict: Opt
     else:
         student_lm.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
+
+
+def _unsharded_peft_copy(student_lm: nn.Module, state_dict: dict) -> nn.Module:
+    """A plain (unsharded) ``PeftModel`` like ``student_lm``, holding ``state_dict``: the sharded LoRA student's full
+    weights (frozen base and adapters, keyed as ``student_lm.state_dict()``). The same architecture is built from the
+    config, wrapped with the same LoRA config and loaded strictly, so every tensor comes from ``state_dict``.
+
+    Why: peft's ``save_pretrained`` and ``merge_and_unload`` read the model's own parameters, which under fsdp are
+    shards (DTensors); on the copy they are the full tensors, and saving it is the ddp code path."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if len(student_lm.peft_config) != 1:  # never expected: apply_lora adds one adapter
+        raise ModelError(f"a sharded LoRA student with adapters {sorted(student_lm.peft_config)}: kdlm saves one")
+    (name, peft_cfg), = student_lm.peft_config.items()
+    peft_cfg = copy.deepcopy(peft_cfg)
+    base_name = peft_cfg.base_model_name_or_path  # get_peft_model sets it from the model: keep the student's
+    dtype = next(p.dtype for p in student_lm.get_base_model().parameters())
+    replica = get_peft_model(AutoModelForCausalLM.from_config(student_lm.get_base_model().config, dtype=dtype),
+                             peft_cfg, adapter_name=name)
+    for cfg in replica.peft_config.values():
+        cfg.base_model_name_or_path = base_name
+    replica.load_state_dict(state_dict, strict=True)
+    return replica.eval()
 
 
 @dataclass

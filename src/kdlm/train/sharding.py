@@ -13,7 +13,10 @@ Units (an FSDP "unit" all-gathers its parameters before its forward and frees th
   reads the full output-layer weight: gathered **once per micro-batch**, never per chunk. The loss's gradient
   accumulates into that gathered parameter and FSDP's post-backward reduce-scatters it into the shard like any other
   gradient. With tied embeddings the input embedding and the output layer are one parameter of the root unit, so
-  they stay one parameter (a unit that held only one of them would untie them).
+  they stay one parameter (a unit that held only one of them would untie them). A LoRA student (peft) has the same
+  units, its decoder layers found inside peft's wrapper (:func:`_bare`): a layer's unit holds its frozen base weights
+  and its trainable adapters together, which FSDP2 allows (it shards each parameter on its own, so frozen and
+  trainable ones can share a unit). Its checkpoints hold the adapters only (:func:`_state_dicts`).
 * **Teacher** (frozen, forward only): every decoder layer is a unit and the backbone (``lm.base_model``: embeddings,
   final norm) is the root, all freed again after each forward. The callers run the backbone (``DecoderOnly``), so the
   root's hooks run; the output layer is outside the backbone: an untied one is a unit of its own, a tied one is
@@ -41,6 +44,7 @@ import torch
 from torch import nn
 
 from kdlm.config import ConfigError, TrainConfig
+from kdlm.errors import CheckpointError
 from kdlm.models import DecoderOnly
 
 # Model -> its FSDP units (root first) and each unit's reshard_after_forward: what full_parameters gathers. Weak
@@ -227,16 +231,40 @@ def _root(lm: nn.Module) -> nn.Module:
     return _UNITS[lm][0][0]
 
 
+def _load_options(lm: nn.Module):
+    """set_state_dict's options: a LoRA student (peft) loads its trainable parameters only, so not strict (the
+    loaded keys are checked in :func:`load_sharded`); None (torch's defaults, strict) for a plain student."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from kdlm.models import is_peft_model
+
+    return StateDictOptions(strict=False) if is_peft_model(lm) else None
+
+
 def _state_dicts(lm: nn.Module, optimizer) -> tuple[dict, dict]:
-    """Model and AdamW state dicts of a sharded student as DTensor shards, keyed by parameter name (DCP's layout)."""
+    """Model and AdamW state dicts of a sharded student as DTensor shards, keyed by parameter name (DCP's layout).
+
+    A LoRA student's model state is its trainable parameters only, the adapters, as under ddp (the frozen base
+    weights are rebuilt from the config on resume). Filtered here by every name of each frozen parameter: torch's
+    ``StateDictOptions(ignore_frozen_params=True)`` drops a tied pair's first name only and kept the frozen
+    embedding as ``lm_head.weight`` (measured)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    return get_state_dict(_root(lm), getattr(optimizer, "optimizer", optimizer))  # accelerate wraps the optimizer
+    from kdlm.models import is_peft_model
+
+    root = _root(lm)
+    # accelerate wraps the optimizer
+    model_state, optimizer_state = get_state_dict(root, getattr(optimizer, "optimizer", optimizer))
+    if is_peft_model(lm):
+        frozen = {name for name, param in root.named_parameters(remove_duplicate=False) if not param.requires_grad}
+        model_state = {name: value for name, value in model_state.items() if name not in frozen}
+    return model_state, optimizer_state
 
 
 def save_sharded(folder: Path, lm: nn.Module, optimizer) -> None:
     """Write the student's weights and AdamW state with torch.distributed.checkpoint: every process writes its own
-    shards (``__<rank>_0.distcp``) and process 0 the ``.metadata``. A collective: every process calls it."""
+    shards (``__<rank>_0.distcp``) and process 0 the ``.metadata``. A collective: every process calls it. A LoRA
+    student: its adapters only (:func:`_state_dicts`)."""
     import torch.distributed.checkpoint as dcp
 
     model_state, optimizer_state = _state_dicts(lm, optimizer)
@@ -251,8 +279,14 @@ def load_sharded(folder: Path, lm: nn.Module, optimizer) -> None:
     model_state, optimizer_state = _state_dicts(lm, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(_root(lm), getattr(optimizer, "optimizer", optimizer), model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
+    result = set_state_dict(_root(lm), getattr(optimizer, "optimizer", optimizer), model_state_dict=state["model"],
+                            optim_state_dict=state["optimizer"], options=_load_options(lm))
+    # LoRA (not strict): only the frozen base weights may be absent, every trainable one came from the checkpoint
+    trainable = {name for name, param in _root(lm).named_parameters() if param.requires_grad}
+    if result.unexpected_keys or trainable & set(result.missing_keys):
+        raise CheckpointError(f"{folder}: the sharded weights do not match the student: not in the checkpoint "
+                              f"{sorted(trainable & set(result.missing_keys))[:5]}, unknown "
+                              f"{list(result.unexpected_keys)[:5]}")
 
 
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
