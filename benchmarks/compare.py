@@ -101,6 +101,7 @@ SCALES = {
                 max_length=512, gen_tokens=128, gkd_new_tokens=128, ddk_val_per_domain=64, eval_batch_size=64,
                 sample_seeds="10,20,30,40,50", seeds="0,1,2", rows=",".join(ROWS)),
 }
+SHARED_RECORD = "shared.json"  # in a cells folder beside the cells: see check_shared
 # The scores kept per test example of every cell (the statistics' input). ROUGE-L / EM ×100; kl in nats/token.
 SCORES = ("rouge_l_sample", "exact_match_sample", "rouge_l_greedy", "exact_match_greedy", "kl")
 
@@ -189,7 +190,7 @@ def check_shared(cells_dir: Path, kind: str, info: dict) -> None:
     each part's per-step training losses in ``<cells>/shared.json`` the first time, and stop if a recomputed part's
     losses differ (the cells could not be mixed then): training is seeded and deterministic on CPU, so they should
     match exactly."""
-    record_file = cells_dir / "shared.json"
+    record_file = cells_dir / SHARED_RECORD
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     losses = [m["loss"] for m in info.get("metrics", []) if "loss" in m]
     entry = {"settings": info.get("settings"), "losses": losses}
@@ -282,6 +283,8 @@ def load_cells(cells: Path) -> dict[str, dict[Optional[int], dict]]:
     """Every stored cell: row -> seed (None for the seed-free base rows) -> cell."""
     found: dict[str, dict[Optional[int], dict]] = {}
     for file in sorted(cells.glob("*.json")) if cells.is_dir() else []:
+        if file.name == SHARED_RECORD:  # check_shared's record of the shared parts, not a cell
+            continue
         cell = json.loads(file.read_text())
         found.setdefault(cell["row"], {})[cell.get("seed")] = cell
     return found

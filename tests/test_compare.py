@@ -114,9 +114,12 @@ def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, c
     result = json.loads(out.with_suffix(".json").read_text())
     cells_dirs = list(Path(str(out) + "_cells").iterdir())
     assert len(cells_dirs) == 1
-    cell_files = sorted(p.name for p in cells_dirs[0].glob("*.json"))
+    cell_files = sorted(p.name for p in cells_dirs[0].glob("*.json") if p.name != compare.SHARED_RECORD)
     assert cell_files == ["fkl-seed0.json", "fkl-seed1.json", "sft-seed0.json", "sft-seed1.json", "sft_start.json",
                           "teacher_ft.json"]
+    # the shared parts the cells were scored against, by their training losses (a fresh machine retrains them)
+    shared = json.loads((cells_dirs[0] / compare.SHARED_RECORD).read_text())
+    assert set(shared) == {"teacher_ft", "sft_start2"} and all(p["losses"] for p in shared.values())
     assert result["domains"] == {d: 2 for d in DOMAINS}  # the fixed per-domain sample, every domain
     # Row statistics recomputed from the cells: mean of the two seeds, t-interval half-width t(0.975, 1)·|a − b|/2.
     cells = {name: json.loads((cells_dirs[0] / name).read_text()) for name in cell_files}
@@ -152,7 +155,7 @@ def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, c
     assert compare.main(argv + ["--seeds", "0,1,2", "--time-budget-min", "0"]) == 0
     third = capsys.readouterr().out
     assert "time budget reached before sft seed 2" in third and "sft:2 fkl:2" in third
-    assert sorted(p.name for p in cells_dirs[0].glob("*.json")) == cell_files
+    assert sorted(p.name for p in cells_dirs[0].glob("*.json") if p.name != compare.SHARED_RECORD) == cell_files
     assert "Not run yet (2 cells): sft seed 2, fkl seed 2." in out.with_suffix(".md").read_text()
 
 
