@@ -337,10 +337,17 @@ class _Processes:
         dist.all_gather_object(out, value)
         return out
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Destroy the process group if this object made it. After a clean run every process first passes a barrier:
+        a process that destroyed its gloo group while a peer was still in the last collective (process 0's manifest
+        broadcast) aborted at exit under load ("terminate called without an active exception", SIGABRT), the
+        same ordering that kdlm.train.loop._teardown keeps. ``clean`` False after an error: no barrier (the other
+        processes may never reach it)."""
         if self.owns_group:
             import torch.distributed as dist
 
+            if clean:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -383,9 +390,12 @@ def build_cache(cfg: Config) -> dict:
         raise CacheError("kdlm cache-teacher needs cache.dir (the folder to write), e.g. --cache.dir runs/teacher-cache")
     processes = _Processes()
     try:
-        return _build(cfg, processes)
-    finally:
-        processes.close()
+        manifest = _build(cfg, processes)
+    except BaseException:
+        processes.close(clean=False)
+        raise
+    processes.close()
+    return manifest
 
 
 def _build(cfg: Config, processes: _Processes) -> dict:
