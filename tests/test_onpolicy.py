@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -337,17 +338,34 @@ def test_steps_per_generation_is_checked(tiny, tmp_path):
                                        "objective.sampling.steps_per_generation": 2})
 
 
-def test_kill_in_the_middle_of_a_window_then_resume_is_exact(tiny, tmp_path):
-    """k = 4, two micro-batches per step, a checkpoint every 3 steps: SIGKILL inside step 7 (micro-batch 13);
-    the newest checkpoint (step 6) lies inside the window of steps 4-7, whose samples came from step 4's student.
-    The resumed run must train steps 7 and 8 on those same buffered samples: same losses and final weights."""
+def _kill_then_resume(tiny, folder, common: dict, kill_after_microbatches: int, between=None) -> Path:
+    """``kdlm distill`` of ``common`` in a subprocess, SIGKILLed after ``kill_after_microbatches`` micro-batches
+    (asserted), ``between(run)`` called on the killed run, then ``--resume`` to the end (asserted); the run folder."""
     import os
     import subprocess
     import sys
 
+    from kdlm.config import save_resolved
+
+    config_file = folder.with_suffix(".yaml")
+    save_resolved(tiny_config(tiny, folder, **common), config_file)
+    command = [sys.executable, "-m", "kdlm", "distill", "--config", str(config_file)]
+    killed = subprocess.run(command, env={**os.environ, "KDLM_FAULT_KILL_AFTER_MICROBATCHES": str(kill_after_microbatches)},
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    if between is not None:
+        between(folder / "run")
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return folder / "run"
+
+
+def test_kill_in_the_middle_of_a_window_then_resume_is_exact(tiny, tmp_path):
+    """k = 4, two micro-batches per step, a checkpoint every 3 steps: SIGKILL inside step 7 (micro-batch 13);
+    the newest checkpoint (step 6) lies inside the window of steps 4-7, whose samples came from step 4's student.
+    The resumed run must train steps 7 and 8 on those same buffered samples: same losses and final weights."""
     from safetensors.torch import load_file
 
-    from kdlm.config import save_resolved
     from kdlm.train.checkpoint import latest_checkpoint
 
     common = {"train.max_steps": 8, "train.grad_accum": 2, "train.save_every": 3, "train.log_every": 1,
@@ -356,17 +374,11 @@ def test_kill_in_the_middle_of_a_window_then_resume_is_exact(tiny, tmp_path):
     distill(tiny_config(tiny, tmp_path / "full", **common))
     reference = _metrics(tmp_path / "full" / "run")
 
-    config_file = tmp_path / "killed.yaml"
-    save_resolved(tiny_config(tiny, tmp_path / "killed", **common), config_file)
-    command = [sys.executable, "-m", "kdlm", "distill", "--config", str(config_file)]
-    killed = subprocess.run(command, env={**os.environ, "KDLM_FAULT_KILL_AFTER_MICROBATCHES": "13"},
-                            capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    run = tmp_path / "killed" / "run"
-    checkpoint = latest_checkpoint(run)
-    assert checkpoint.name == "checkpoint-0000006" and (checkpoint / "objective-rank0.pt").is_file()
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    def newest_checkpoint_holds_the_window(run):
+        checkpoint = latest_checkpoint(run)
+        assert checkpoint.name == "checkpoint-0000006" and (checkpoint / "objective-rank0.pt").is_file()
+
+    run = _kill_then_resume(tiny, tmp_path / "killed", common, 13, newest_checkpoint_holds_the_window)
     after = _metrics(run)
     assert [m["step"] for m in after] == list(range(1, 9))
     assert [m["gkd/staleness"] for m in after] == [0, 1, 2, 3, 0, 1, 2, 3]
@@ -382,27 +394,13 @@ def test_dpkd_sequence_kill_and_resume_keeps_the_rejected_responses(tiny, tmp_pa
     prompt four times per epoch). SIGKILL after step 5's micro-batches, the newest checkpoint at step 3: the resumed
     run must reuse the y_s sampled before the checkpoint (saved with it), so its losses and resample counts equal
     the uninterrupted run's; a resume that forgot them would resample at step 4."""
-    import os
-    import subprocess
-    import sys
-
-    from kdlm.config import save_resolved
-
     common = {"train.max_steps": 6, "train.save_every": 3, "train.log_every": 1, "train.save_total_limit": 10,
               "objective.name": "dpkd", "objective.dpkd_form": "sequence", "objective.sampling.max_new_tokens": 6,
               "objective.refresh_every": 100}
     distill(tiny_config(tiny, tmp_path / "full", **common))
     reference = _metrics(tmp_path / "full" / "run")
     assert reference[3]["dpkd/resampled"] < 4  # step 4 reuses responses sampled before the checkpoint
-    config_file = tmp_path / "killed.yaml"
-    save_resolved(tiny_config(tiny, tmp_path / "killed", **common), config_file)
-    command = [sys.executable, "-m", "kdlm", "distill", "--config", str(config_file)]
-    killed = subprocess.run(command, env={**os.environ, "KDLM_FAULT_KILL_AFTER_MICROBATCHES": "5"},
-                            capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    after = _metrics(tmp_path / "killed" / "run")
+    after = _metrics(_kill_then_resume(tiny, tmp_path / "killed", common, 5))
     assert [m["step"] for m in after] == list(range(1, 7))
     assert [m["dpkd/resampled"] for m in after] == [m["dpkd/resampled"] for m in reference]
     for ours, theirs in zip(after, reference):
