@@ -125,3 +125,76 @@ def test_release_freed_memory_returns_the_freed_heap_to_the_system():
     released = _anon_rss_mb()
     assert freed - released > 128, (loaded, freed, released)  # without the trim they stay resident
     del pin
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_teacher_loaded_straight_into_shards_equals_the_loaded_teacher(one_process_group, tmp_path, tie):
+    """load_teacher_into_shards (meta device, shards read from the safetensors files) gives the logits of the teacher
+    from_pretrained loads, keeps a tied pair one parameter, keeps the rotary buffers (to_empty would have emptied
+    them), and a student pruned from the files equals the one pruned from the loaded teacher. (One process holds all
+    rows; the 2-process runs in test_sharding_slow.py check the rows each process reads.)"""
+    import torch
+    from conftest import make_llama, make_tokenizer, save_model, tiny_config
+
+    from kdlm.models import DecoderOnly, OutputHead, load_model, prune_from_teacher
+    from kdlm.train.sharding import full_parameters, load_teacher_into_shards, memory_report
+
+    tokenizer = make_tokenizer()
+    folder = save_model(tmp_path / "teacher", make_llama(len(tokenizer) + 6, layers=3, seed=7, tie=tie), tokenizer)
+    cfg = tiny_config({"teacher": folder, "train": folder, "eval": folder}, tmp_path, **{"train.parallel": "fsdp"})
+    plain = load_model(str(folder)).eval()
+    sharded, weights = load_teacher_into_shards(cfg, torch.device("cpu"))
+    assert (sharded.lm_head.weight is sharded.model.embed_tokens.weight) == tie
+    ids = torch.tensor([[3, 7, 9, 12, 5, 30], [2, 8, 8, 1, 20, 4]])
+    attention = torch.ones_like(ids)
+    with torch.no_grad():
+        want = OutputHead.of(plain, len(tokenizer)).logits(DecoderOnly(plain)(ids, attention))
+        got = OutputHead.of(sharded, len(tokenizer)).logits(DecoderOnly(sharded)(ids, attention))
+    assert torch.allclose(got, want, atol=1e-6)
+    for name, buffer in plain.named_buffers():
+        assert torch.equal(dict(sharded.named_buffers())[name], buffer), name
+    report = memory_report(DecoderOnly(make_llama(len(tokenizer), layers=1)), sharded)
+    assert report["teacher_read_bytes"] == report["teacher_full_bytes"]  # one process: every row is its own
+    before = weights.bytes_read
+    with full_parameters(sharded):
+        from_files = prune_from_teacher(sharded, [0, 2], weights=weights)
+    from_module = prune_from_teacher(plain, [0, 2])
+    assert from_files.state_dict().keys() == from_module.state_dict().keys()
+    for key, value in from_module.state_dict().items():
+        assert torch.equal(from_files.state_dict()[key], value), key
+    layer = sum(v.numel() * 4 for k, v in plain.state_dict().items() if ".layers.1." in k)
+    assert weights.bytes_read - before == report["teacher_full_bytes"] - layer  # the dropped layer is never read
+
+
+def test_sharded_tied_teacher_gathers_its_embedding_once_per_microbatch(one_process_group, tmp_path, monkeypatch):
+    """A tied teacher under fsdp: after its forward the root stays gathered and the loss's output layer is that
+    gathered embedding (same storage, no DTensor.full_tensor: the second all-gather per micro-batch is gone);
+    release_teachers shards it again and points the head back at the sharded parameter, and the next forward
+    gathers again and gives the same logits as the unsharded teacher."""
+    import copy
+
+    import torch
+    from conftest import make_llama
+    from torch.distributed.tensor import DTensor
+
+    from kdlm.config import TrainConfig
+    from kdlm.models import DecoderOnly, OutputHead
+    from kdlm.train.sharding import release_teachers, shard_teacher
+
+    plain = make_llama(46, layers=2, seed=4, tie=True).eval().requires_grad_(False)
+    teacher = shard_teacher(copy.deepcopy(plain), TrainConfig(parallel="fsdp"), torch.device("cpu"))
+    assert isinstance(teacher.lm_head.weight, DTensor)  # sharded between micro-batches
+    gathers = []
+    monkeypatch.setattr(DTensor, "full_tensor", lambda self, *a, **k: gathers.append(1) or self.to_local())
+    ids = torch.tensor([[3, 7, 9, 12], [2, 8, 8, 1]])
+    with torch.no_grad():
+        want = OutputHead.of(plain, 40).logits(DecoderOnly(plain)(ids, torch.ones_like(ids)))
+        for _ in range(2):
+            hidden = DecoderOnly(teacher)(ids, torch.ones_like(ids))
+            head = OutputHead.of(teacher, 40)
+            assert not isinstance(teacher.model.embed_tokens.weight, DTensor)
+            assert head.weight.data_ptr() == teacher.model.embed_tokens.weight.data_ptr()
+            assert torch.allclose(head.logits(hidden), want, atol=1e-6)
+            release_teachers()
+            assert isinstance(teacher.lm_head.weight, DTensor) and teacher.lm_head.weight is teacher.model.embed_tokens.weight
+    assert gathers == []

@@ -110,6 +110,8 @@ def test_fsdp_shards_hold_half_of_each_model_and_keep_the_tie(tied, tmp_path):
         local, full = report[f"{model}_local_bytes"], report[f"{model}_full_bytes"]
         assert 0.45 * full <= local <= 0.55 * full, (model, local, full)
     assert report["student_tied"] and report["teacher_tied"]
+    # loaded straight into its shards: process 0 read its own rows of the teacher from the file, not the whole
+    assert report["teacher_read_bytes"] == report["teacher_local_bytes"]
     # and the full model's size is the tied one's: embedding and output layer counted once
     teacher = load_file(tied["teacher"] / "model.safetensors")
     assert report["teacher_full_bytes"] == sum(t.numel() * t.element_size() for t in teacher.values())
@@ -308,3 +310,39 @@ def test_fsdp_lora_kill_then_resume_is_exact_and_checkpoints_hold_the_adapters_o
     a = load_file(tmp_path / "full" / "run" / "final" / "adapter" / "adapter_model.safetensors")
     b = load_file(run / "final" / "adapter" / "adapter_model.safetensors")
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fsdp_teacher_writes_the_one_process_responses(tied, tmp_path, tie):
+    """Data without responses under fsdp: the teacher, loaded straight into its shards, is never whole in one process,
+    so the processes generate the responses together, each its share of the batches, in lockstep (one process ends
+    with a spare round). The responses cache equals the one a single process writes, byte for byte, and training on
+    it gives the same losses. Tied and untied output layers (a tied one is the embedding, gathered for generate)."""
+    from conftest import QA
+
+    model = make_llama(len(tied["tokenizer"]) + PADDED_ROWS, layers=4, seed=4 if tie else 5, tie=tie)
+    if tie:  # a tiny random tied model only repeats the prompt's last (special) token: empty responses
+        torch.manual_seed(4)
+        model.model.norm.weight.data = torch.randn(model.config.hidden_size)
+    teacher = save_model(tmp_path / "teacher", model, tied["tokenizer"])
+    prompts = [{"prompt": p + " " * (i % 3) + "Answer briefly." * (i % 4)} for i, (p, _) in enumerate(QA * 3)][:21]
+    train = tmp_path / "prompts.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in prompts))
+    evaluation = tmp_path / "eval_prompts.jsonl"
+    evaluation.write_text("".join(json.dumps(row) + "\n" for row in prompts[:3]))
+    overrides = {"teacher.name_or_path": str(teacher), "data.train": str(train), "data.eval": str(evaluation),
+                 "data.generation.max_new_tokens": 6, "data.generation.batch_size": 3}
+    assert -(-len(prompts) // 3) % 2 == 1  # an odd number of batches: process 1 runs a spare one
+    one = _run(tied, tmp_path / "one", 1, **overrides, **{"train.batch_size": 4})
+    fsdp = _run(tied, tmp_path / "fsdp", 2, **overrides, **{"train.batch_size": 2, "train.parallel": "fsdp"})
+    assert json.loads((fsdp / "summary.json").read_text())["sharding"]["teacher_read_bytes"] is not None
+    caches = [sorted((folder.parent / "cache" / "responses").glob("*.jsonl")) for folder in (one, fsdp)]
+    assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and len(caches[0]) == 2
+    for a, b in zip(*caches):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    train_cache = next(p for p in caches[0] if p.name.startswith("train-"))
+    responses = [json.loads(line)["response"] for line in train_cache.read_text().splitlines()]
+    assert len(responses) == len(prompts) and sum(map(bool, responses)) >= len(prompts) // 2
+    assert len({len(r) for r in responses}) > 1  # rows stop at different steps: the lockstep is exercised
+    for a, b in zip(_metrics(one), _metrics(fsdp), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)

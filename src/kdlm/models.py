@@ -14,7 +14,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -136,6 +136,67 @@ def teacher_weight_files(cfg: Config) -> list[Path]:
     return files
 
 
+def safetensors_files(name_or_path: str, *, gguf_file: Optional[str] = None, revision: Optional[str] = None,
+                      cache_dir: Optional[str] = None) -> Optional[list[Path]]:
+    """The ``*.safetensors`` files of a model on this machine (a local folder, a GGUF source de-quantised into
+    kdlm's cache, a hub name already in the hub cache), or None when its weights are not safetensors on disk
+    (then the only way in is ``from_pretrained``)."""
+    folder, gguf_file = resolve_source(name_or_path, gguf_file)
+    if gguf_file is not None:
+        path = _materialise_gguf(folder, gguf_file, cache_dir)
+    elif Path(folder).is_dir():
+        path = Path(folder)
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(folder, revision=revision, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the hub cache: from_pretrained decides what happens
+            return None
+    return sorted(path.glob("*.safetensors")) or None
+
+
+class FileWeights(Mapping):
+    """The tensors of a model's safetensors files, by name, read from disk only when asked for (memory-mapped):
+    ``weights[name]`` is the whole tensor, :meth:`rows` a range of its first dimension, which reads only those
+    bytes. What lets a process build a pruned student or its shard of a teacher without the full model in memory.
+    Tensors are returned in ``dtype`` (the dtype the model would have been loaded in), whatever the file stores."""
+
+    def __init__(self, files: list[Path], dtype: torch.dtype):
+        from safetensors import safe_open
+
+        self.dtype = dtype
+        self._file: dict[str, Path] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    self._file[name] = path
+        self.bytes_read = 0
+        """Bytes of tensor data read so far (what :meth:`rows` saves shows here)."""
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.rows(name, None, None)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self._file
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file)
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+    def rows(self, name: str, start: Optional[int], stop: Optional[int]) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (the whole tensor for None, None), in :attr:`dtype`."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._file[name]), framework="pt") as handle:
+            part = handle.get_slice(name)
+            tensor = part[:] if start is None and stop is None else part[start:stop]
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor.to(self.dtype)
+
+
 def weights_fingerprint(files: list[Path], blocks: int = 16, block_size: int = 1 << 16) -> str:
     """sha256 over each file's name, size and ``blocks`` evenly spaced blocks: a few MB read whatever the model size.
 
@@ -171,6 +232,12 @@ def servable_folder(name_or_path: str, gguf_file: Optional[str] = None, cache_di
     return Path(folder)
 
 
+def _plain_source(name_or_path: str, gguf_file: Optional[str], cache_dir: Optional[str]) -> str:
+    """What ``from_pretrained`` is given: the name or folder, a GGUF source de-quantised into kdlm's cache first."""
+    folder, gguf_file = resolve_source(name_or_path, gguf_file)
+    return str(_materialise_gguf(folder, gguf_file, cache_dir)) if gguf_file is not None else folder
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -183,15 +250,33 @@ def load_model(
     """A causal LM from a hub name, a local folder, a GGUF file, or ``builtin:smollm2-135m-instruct``."""
     from transformers import AutoModelForCausalLM
 
-    folder, gguf_file = resolve_source(name_or_path, gguf_file)
-    if gguf_file is not None:
-        folder = str(_materialise_gguf(folder, gguf_file, cache_dir))
+    folder = _plain_source(name_or_path, gguf_file, cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, revision=revision, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
         )
     except OSError as err:
         raise ModelError(f"cannot load model '{name_or_path}': {err}") from None
+    return model
+
+
+def empty_model(name_or_path: str, *, gguf_file: Optional[str] = None, revision: Optional[str] = None,
+                dtype: str = "float32", trust_remote_code: bool = False, cache_dir: Optional[str] = None) -> nn.Module:
+    """:func:`load_model`'s model without its weights: parameters on the meta device (no memory), buffers (rotary
+    frequencies) real, computed from the config. For a caller that fills the parameters itself (a teacher loaded
+    straight into its FSDP shards, kdlm.train.sharding)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = _plain_source(name_or_path, gguf_file, cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(folder, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelError(f"cannot load model '{name_or_path}': {err}") from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+    # init_empty_weights re-creates every parameter it sees registered, so the tie made inside it did not hold
+    model.tie_weights()
     return model
 
 
@@ -206,9 +291,7 @@ def load_tokenizer(
     """The tokenizer that belongs to :func:`load_model`'s model (same resolution rules)."""
     from transformers import AutoTokenizer
 
-    folder, gguf_file = resolve_source(name_or_path, gguf_file)
-    if gguf_file is not None:
-        folder = str(_materialise_gguf(folder, gguf_file, cache_dir))
+    folder = _plain_source(name_or_path, gguf_file, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -237,11 +320,15 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ModelError(f"cannot find the {n} decoder layers of {type(model).__name__} to prune")
 
 
-def prune_from_teacher(teacher: nn.Module, keep_layers: list[int], dtype: str = "float32") -> nn.Module:
+def prune_from_teacher(teacher: nn.Module, keep_layers: list[int], dtype: str = "float32",
+                       weights: Optional[Mapping[str, torch.Tensor]] = None) -> nn.Module:
     """The standard layer-drop start: a copy of the teacher with only ``keep_layers`` decoder blocks.
 
     Embeddings, final norm and output head are copied; kept block ``keep_layers[j]`` becomes block ``j``.
     Built from the config (not a deep copy) so per-layer indices used by the KV cache are renumbered correctly.
+    ``weights``: read the teacher's tensors from there (its :class:`FileWeights`) instead of ``teacher``, which then
+    only gives the architecture: a teacher loaded straight into shards (train.parallel fsdp) holds no full tensor,
+    and only the kept blocks' tensors are read.
     """
     from transformers import AutoModelForCausalLM
 
@@ -258,12 +345,13 @@ def prune_from_teacher(teacher: nn.Module, keep_layers: list[int], dtype: str = 
     new_index = {old: new for new, old in enumerate(keep_layers)}
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
     state = {}
-    for key, value in teacher.state_dict().items():
+    source = teacher.state_dict() if weights is None else weights
+    for key in source:
         match = pattern.match(key)
         if match is None:
-            state[key] = value
+            state[key] = source[key]
         elif int(match.group(1)) in new_index:
-            state[f"{prefix}.{new_index[int(match.group(1))]}.{match.group(2)}"] = value
+            state[f"{prefix}.{new_index[int(match.group(1))]}.{match.group(2)}"] = source[key]
     missing, unexpected = student.load_state_dict(state, strict=False)
     # Tied heads show up as "missing" lm_head.weight; anything else means the copy was incomplete.
     missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]
@@ -515,12 +603,15 @@ class Models:
     """objective.cross_tokenizer only: the teacher's real vocabulary size (``vocab_size`` is the student's)."""
 
 
-def load_models(cfg: Config, teacher_needed: bool = True, teacher: Optional[nn.Module] = None) -> Models:
+def load_models(cfg: Config, teacher_needed: bool = True, teacher: Optional[nn.Module] = None,
+                teacher_weights: Optional[Mapping[str, torch.Tensor]] = None) -> Models:
     """Teacher, student and tokenizer as the config says, with the tokenizer check done.
 
     ``teacher_needed=False`` (training from a teacher cache): the teacher is loaded only to prune the student from
     it and is then dropped (``Models.teacher`` is None); with a pretrained student it is never loaded. ``teacher``:
     the teacher ``cfg.teacher`` names, already loaded (``kdlm eval`` keeps it across calls); it is not loaded again.
+    ``teacher_weights``: where a pruned student reads the teacher's tensors (:func:`prune_from_teacher`), for a
+    ``teacher`` that holds only its shards.
     """
     t, s = cfg.teacher, cfg.student
     cache = cfg.data.cache_dir
@@ -534,7 +625,7 @@ def load_models(cfg: Config, teacher_needed: bool = True, teacher: Optional[nn.M
     if s.init == "prune_teacher":
         keep = s.keep_layers or default_keep_layers(teacher.config.num_hidden_layers, s.num_layers)
         log.info("student: teacher layers %s of %d", keep, teacher.config.num_hidden_layers)
-        student = prune_from_teacher(teacher, keep, dtype=s.dtype)
+        student = prune_from_teacher(teacher, keep, dtype=s.dtype, weights=teacher_weights)
         vocab_size = max(tokenizer.get_vocab().values()) + 1
     elif cfg.objective.cross_tokenizer is not None:  # the user opted in: the tokenizers may differ
         teacher_tokenizer, tokenizer = tokenizer, load_tokenizer(s.name_or_path, **source(s))

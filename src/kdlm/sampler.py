@@ -147,10 +147,13 @@ def sample_tokens(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    synced: bool = False,
 ) -> Tensor:
     """The tokens ``model`` generates after the left-padded ``prompts`` [B, P] (``attention_mask`` 1 on real
     tokens): [B, T] with T ≤ ``max_new_tokens``, on the model's device; rows that stopped early are padded after
-    their stop token (use :func:`first_stops`).
+    their stop token (use :func:`first_stops`). ``synced``: ``model`` is sharded over processes that all call this
+    together; each keeps stepping until every process's rows have stopped (transformers' ``synced_gpus``), so no
+    process leaves the others waiting inside a forward.
 
     ``model`` is a Hugging Face causal LM (the bare one, not a data-parallel or
     :class:`~kdlm.models.DecoderOnly` wrapper). See the module docstring for the sampling, stopping and RNG rules;
@@ -161,6 +164,8 @@ def sample_tokens(
         sampling = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
     else:
         sampling = dict(do_sample=False)  # sampling knobs with greedy only draw warnings from transformers
+    if synced:
+        sampling["synced_gpus"] = True
     with seeded(model, seed) if seed is not None else contextlib.nullcontext():
         return _generate(model, prompts, attention_mask, max_new_tokens=max_new_tokens,
                          stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, **sampling)

@@ -324,8 +324,16 @@ def _load_models(cfg: Config, accelerator):
         from kdlm.teacher_server import connect_for_run
 
         served = connect_for_run(cfg)
-    models = load_models(cfg, teacher_needed=cfg.cache.dir is None and served is None)
-    teacher = models.teacher.to(accelerator.device) if models.teacher is not None else None
+    teacher_needed = cfg.cache.dir is None and served is None
+    shards = None
+    if teacher_needed and cfg.train.parallel == "fsdp" and accelerator.num_processes > 1:
+        # never whole in one process: each reads its shard from the files (None: not possible, loaded whole below)
+        shards = sharding.load_teacher_into_shards(cfg, accelerator.device)
+    models = load_models(cfg, teacher_needed=teacher_needed, teacher=shards[0] if shards else None,
+                         teacher_weights=shards[1] if shards else None)
+    teacher = models.teacher
+    if teacher is not None and not sharding.is_sharded(teacher):
+        teacher = teacher.to(accelerator.device)
     teacher_cache = served  # a kdlm.losses.sparse.TeacherSignal: the server's, or the cache's below
     if cfg.cache.dir is not None:
         from kdlm.cache import open_for_run
@@ -345,9 +353,8 @@ def _load_data(cfg: Config, accelerator, tokenizer, teacher, teacher_cache, voca
     is tokenised by both, each with its own chat template, and the response aligned (kdlm.data.align)."""
     train_examples, eval_examples, has_responses = load_splits(cfg.data, cfg.train.seed)
     if not has_responses:
-        with accelerator.main_process_first():  # one process generates and caches, the others read the cache
-            fill_teacher_responses(cfg, teacher, teacher_tokenizer or tokenizer, train_examples, "train")
-            fill_teacher_responses(cfg, teacher, teacher_tokenizer or tokenizer, eval_examples, "eval")
+        _teacher_responses(cfg, accelerator, teacher, teacher_tokenizer or tokenizer, train_examples, "train")
+        _teacher_responses(cfg, accelerator, teacher, teacher_tokenizer or tokenizer, eval_examples, "eval")
     tok = partial(
         tokenize_examples,
         tokenizer=tokenizer,
@@ -379,8 +386,7 @@ def _load_data(cfg: Config, accelerator, tokenizer, teacher, teacher_cache, voca
         if cfg.data.mixing.validation is not None:
             validation_examples, val_has_responses = read_examples(cfg.data.mixing.validation, cfg.data)
             if not val_has_responses:
-                with accelerator.main_process_first():
-                    fill_teacher_responses(cfg, teacher, tokenizer, validation_examples, "mixing-validation")
+                _teacher_responses(cfg, accelerator, teacher, tokenizer, validation_examples, "mixing-validation")
             validation_items, _ = tok(validation_examples)
         # Replaces the epoch order: each optimizer step's examples are drawn by domain weights.
         mixer = DomainMixer(cfg, train_items, validation_items, teacher=teacher, vocab_size=vocab_size,
@@ -390,19 +396,32 @@ def _load_data(cfg: Config, accelerator, tokenizer, teacher, teacher_cache, voca
     return _Data(train_items, eval_items, eval_examples, counts, mixer)
 
 
+def _teacher_responses(cfg: Config, accelerator, teacher, tokenizer, examples: list, name: str) -> None:
+    """The teacher's responses for data without them (cached on disk). A sharded teacher needs every process in each
+    of its forwards, so all generate together, each its share of the prompts; otherwise one process generates and
+    caches while the others wait, then read the cache."""
+    if sharding.is_sharded(teacher):
+        with sharding.root_gathered(teacher):  # generate calls the HF model, whose tied output layer is the embedding
+            fill_teacher_responses(cfg, teacher, tokenizer, examples, name,
+                                   process=(accelerator.process_index, accelerator.num_processes))
+        return
+    with accelerator.main_process_first():
+        fill_teacher_responses(cfg, teacher, tokenizer, examples, name)
+
+
 def _prepare_training(cfg: Config, accelerator, student_lm, data: _Data, pad_id: int,
                       teacher_pad_id: Optional[int] = None, teacher=None) -> _Training:
     """5. The DecoderOnly student, data loader, AdamW and the cosine schedule, through accelerate.prepare.
     ``teacher_pad_id``: batches carry the teacher's own sequences too (objective.cross_tokenizer). With
-    train.parallel fsdp and several processes, student and teacher are sharded in place here (kdlm.train.sharding;
-    after step 3, whose teacher generation runs on one process at a time) and accelerate prepares the rest."""
+    train.parallel fsdp and several processes, the student is sharded in place here (kdlm.train.sharding), the
+    teacher too unless step 2 loaded it straight into its shards, and accelerate prepares the rest."""
     from transformers import get_cosine_schedule_with_warmup
 
     student = DecoderOnly(student_lm)
     sharded = cfg.train.parallel == "fsdp" and accelerator.num_processes > 1
     if sharded:
         sharding.shard_student(student, cfg.train, accelerator.device)
-        if teacher is not None:
+        if teacher is not None and not sharding.is_sharded(teacher):  # not loaded straight into its shards
             sharding.shard_teacher(teacher, cfg.train, accelerator.device)
     sampler = EpochSampler(len(data.train_items), cfg.train.seed)
     loader = DataLoader(
@@ -522,6 +541,7 @@ def _accumulate(accelerator, objective, student, window: list[dict], units: int,
         last = index == len(window) - 1
         with (nullcontext() if last else accelerator.no_sync(student)), accelerator.autocast():
             out = objective(student, batch)
+            sharding.release_teachers()  # fsdp: a tied teacher's output layer, gathered since its forward
             # DDP and FSDP2 average gradients over processes, hence the factor num_processes.
             loss = out.loss_sum * accelerator.num_processes / max(units, 1)
         accelerator.backward(loss)
