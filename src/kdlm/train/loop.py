@@ -579,11 +579,15 @@ def _stop_nonfinite(run_dir: Path, step: int, in_a_row: int) -> None:
 
 
 def _evaluate(student_lm, **kwargs) -> dict:
-    """Held-out evaluation (kdlm.eval.heldout) of the student; fsdp: student and teacher gathered meanwhile, since the
-    evaluation calls the bare models, and run by every process (the sharded models' hooks may communicate, measured:
+    """Held-out evaluation (kdlm.eval.heldout) of the student; fsdp: the student gathered meanwhile (its samples call
+    the bare model), the teacher left sharded (it runs through its backbone and OutputHead only, the training
+    forward), and run by every process on the same batches (the sharded models' hooks communicate, measured:
     process 0 alone ran into a collective of the training step)."""
-    with full_parameters(student_lm, kwargs.get("teacher")):
-        return evaluate_and_report(student_lm, every_process=sharding.is_sharded(student_lm), **kwargs)
+    try:
+        with full_parameters(student_lm):
+            return evaluate_and_report(student_lm, every_process=sharding.is_sharded(student_lm), **kwargs)
+    finally:
+        sharding.release_teachers()  # a tied teacher's embedding, gathered since its last forward
 
 
 def _finish(cfg: Config, accelerator, run_dir: Path, student_lm, tokenizer, data: _Data, evaluate, summary: dict,
