@@ -184,6 +184,42 @@ def ensure_sft_start(args, teacher_dir: Path, eval_file: Path, layers: int) -> t
     return train_cached(args, f"sft_start{layers}", settings, flags, args.sft_steps, eval_file)
 
 
+# What the fine-tuned teacher's test cell depends on: a cells folder whose settings differ only elsewhere (student
+# size, method budget) scores the same teacher on the same test sample, so its teacher cell is reused.
+TEACHER_CELL_KEYS = ("teacher_steps", "teacher_batch_size", "teacher_lr", "per_domain", "max_prompt_length",
+                     "max_length", "gen_tokens", "mixed_precision", "base_teacher", "sample_seeds", "data")
+SETTINGS_RECORD = "settings.json"  # in a cells folder: the settings its name is the fingerprint of
+
+
+def record_settings(cells_dir: Path, settings: dict) -> None:
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    if not (cells_dir / SETTINGS_RECORD).is_file():
+        (cells_dir / SETTINGS_RECORD).write_text(json.dumps(settings, indent=1))
+
+
+def reuse_teacher_cell(cells_dir: Path, settings: dict) -> Optional[Path]:
+    """Copy into ``cells_dir`` the teacher cell of another cells folder (beside it) whose settings agree on
+    :data:`TEACHER_CELL_KEYS` and whose recorded teacher (``shared.json``: its settings and per-step losses) is the
+    one ``cells_dir`` records; the teacher's evaluation (≈ 20 min of this CPU) is then not repeated. The copied
+    record is noted in the cell (``reused_from``). Returns the source folder, or None."""
+    mine = json.loads((cells_dir / SHARED_RECORD).read_text()).get("teacher_ft") if (cells_dir / SHARED_RECORD).is_file() else None
+    if mine is None or (cells_dir / "teacher_ft.json").is_file():
+        return None
+    for other in sorted(p for p in cells_dir.parent.iterdir() if p.is_dir() and p != cells_dir):
+        files = [other / name for name in ("teacher_ft.json", SETTINGS_RECORD, SHARED_RECORD)]
+        if not all(f.is_file() for f in files):
+            continue
+        theirs = json.loads(files[1].read_text())
+        if any(theirs.get(k) != settings.get(k) for k in TEACHER_CELL_KEYS):
+            continue
+        if json.loads(files[2].read_text()).get("teacher_ft") != mine:
+            continue
+        cell = json.loads(files[0].read_text())
+        store_cell(cells_dir / "teacher_ft.json", {**cell, "reused_from": other.name})
+        return other
+    return None
+
+
 def check_shared(cells_dir: Path, kind: str, info: dict) -> None:
     """The shared parts (fine-tuned teacher, SFT starts) live in a machine-local cache, so a session on a fresh
     machine trains them again; the cells stored by earlier sessions were scored against the earlier ones. Record
@@ -283,7 +319,7 @@ def load_cells(cells: Path) -> dict[str, dict[Optional[int], dict]]:
     """Every stored cell: row -> seed (None for the seed-free base rows) -> cell."""
     found: dict[str, dict[Optional[int], dict]] = {}
     for file in sorted(cells.glob("*.json")) if cells.is_dir() else []:
-        if file.name == SHARED_RECORD:  # check_shared's record of the shared parts, not a cell
+        if file.name in (SHARED_RECORD, SETTINGS_RECORD):  # records beside the cells, not cells
             continue
         cell = json.loads(file.read_text())
         found.setdefault(cell["row"], {})[cell.get("seed")] = cell
@@ -450,9 +486,14 @@ def run_candidates(args, teacher_dir: Path, eval_file: Path, evaluator: Evaluato
         t0 = time.time()
         folder, info = ensure_sft_start(args, teacher_dir, eval_file, layers)
         check_shared(cells_dir, f"sft_start{layers}", info)
+        stored = cell_path(cells_dir, f"candidate{layers}", None)  # a rerun (another candidate added) skips it
+        if stored.is_file():
+            rows.append(json.loads(stored.read_text())["candidate"])
+            continue
         cell = evaluate_cell(evaluator, args, folder, Path(args.work) / f"candidate{layers}")
         rows.append({"layers": layers, "sft_seconds": info["train_seconds"], "s_per_step": info["s_per_step"],
                      **{k: v for k, v in cell["aggregate"].items() if k != "domains"}, "seconds": time.time() - t0})
+        store_cell(stored, {"row": f"candidate{layers}", "seed": None, "candidate": rows[-1], **cell})
         print(f"[candidate {layers}] {rows[-1]}", flush=True)
     t = teacher_cell["aggregate"]
     lines = [f"# Student candidates ({args.scale} scale): SFT-started students vs the fine-tuned teacher", "",
@@ -481,7 +522,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     eval_file = work / "test_subset.jsonl"
     write_subset(args, load_tokenizer(args.base_teacher), eval_file)
     teacher_dir, teacher_info = ensure_teacher(args, eval_file)
+    record_settings(cells_dir, settings)
     check_shared(cells_dir, "teacher_ft", teacher_info)
+    source = reuse_teacher_cell(cells_dir, settings)
+    if source is not None:
+        print(f"[teacher_ft] test cell reused from {source} (same teacher, same test sample)", flush=True)
     memo = work / f"teacher_hidden-{fingerprint([teacher_dir.name, file_id(eval_file), args.eval_batch_size])}.pt"
     evaluator = Evaluator(args, teacher_dir, eval_file, args.device, memo_file=memo)
     cells = load_cells(cells_dir)

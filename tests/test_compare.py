@@ -114,7 +114,7 @@ def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, c
     result = json.loads(out.with_suffix(".json").read_text())
     cells_dirs = list(Path(str(out) + "_cells").iterdir())
     assert len(cells_dirs) == 1
-    cell_files = sorted(p.name for p in cells_dirs[0].glob("*.json") if p.name != compare.SHARED_RECORD)
+    cell_files = sorted(p.name for p in cells_dirs[0].glob("*.json") if p.name not in (compare.SHARED_RECORD, compare.SETTINGS_RECORD))
     assert cell_files == ["fkl-seed0.json", "fkl-seed1.json", "sft-seed0.json", "sft-seed1.json", "sft_start.json",
                           "teacher_ft.json"]
     # the shared parts the cells were scored against, by their training losses (a fresh machine retrains them)
@@ -155,7 +155,7 @@ def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, c
     assert compare.main(argv + ["--seeds", "0,1,2", "--time-budget-min", "0"]) == 0
     third = capsys.readouterr().out
     assert "time budget reached before sft seed 2" in third and "sft:2 fkl:2" in third
-    assert sorted(p.name for p in cells_dirs[0].glob("*.json") if p.name != compare.SHARED_RECORD) == cell_files
+    assert sorted(p.name for p in cells_dirs[0].glob("*.json") if p.name not in (compare.SHARED_RECORD, compare.SETTINGS_RECORD)) == cell_files
     assert "Not run yet (2 cells): sft seed 2, fkl seed 2." in out.with_suffix(".md").read_text()
 
 
@@ -171,3 +171,31 @@ def test_a_recomputed_shared_part_must_match_the_recorded_one(compare, tmp_path)
         compare.check_shared(tmp_path, "teacher_ft", changed)
     other = {"settings": {"steps": 4}, "metrics": [{"step": 1, "loss": 9.0}]}
     compare.check_shared(tmp_path, "teacher_ft", other)  # other settings: a different part, recorded anew
+
+
+def test_the_teacher_cell_is_reused_by_a_folder_with_other_student_settings(compare, tmp_path):
+    """Another student size or method budget makes another cells folder; its teacher cell is copied from a folder
+    whose teacher settings, test sample and recorded teacher (training losses) are the same, and from no other."""
+    settings = {"student_layers": 15, "steps": 40, **{k: k for k in compare.TEACHER_CELL_KEYS}}
+    teacher = {"settings": {"steps": 80}, "metrics": [{"step": 1, "loss": 2.5}]}
+    old = tmp_path / "old"
+    compare.record_settings(old, settings)
+    compare.check_shared(old, "teacher_ft", teacher)
+    compare.store_cell(old / "teacher_ft.json", {"row": "teacher_ft", "seed": None, "aggregate": {"kl": 0.0}})
+
+    def new_folder(name: str, changes: dict, recorded: dict) -> Path:
+        folder = tmp_path / name
+        compare.record_settings(folder, {**settings, **changes})
+        compare.check_shared(folder, "teacher_ft", recorded)
+        return folder
+
+    smaller = new_folder("smaller", {"student_layers": 9, "steps": 20}, teacher)
+    assert compare.reuse_teacher_cell(smaller, {**settings, "student_layers": 9, "steps": 20}) == old
+    copied = json.loads((smaller / "teacher_ft.json").read_text())
+    assert copied["aggregate"] == {"kl": 0.0} and copied["reused_from"] == "old"
+    assert set(compare.load_cells(smaller)) == {"teacher_ft"}  # the records beside the cells are not cells
+    other_sample = new_folder("other_sample", {"per_domain": 20}, teacher)
+    assert compare.reuse_teacher_cell(other_sample, {**settings, "per_domain": 20}) is None
+    retrained = new_folder("retrained", {"steps": 20}, {**teacher, "metrics": [{"step": 1, "loss": 2.6}]})
+    assert compare.reuse_teacher_cell(retrained, {**settings, "steps": 20}) is None
+    assert not (other_sample / "teacher_ft.json").exists() and not (retrained / "teacher_ft.json").exists()
