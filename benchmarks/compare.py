@@ -548,6 +548,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     sft_dir, sft_info = ensure_sft_start(args, teacher_dir, eval_file, args.student_layers)
     check_shared(cells_dir, f"sft_start{args.student_layers}", sft_info)
     phases["SFT start"] = sft_info["train_seconds"]
+    candidate = cells.get(f"candidate{args.student_layers}", {}).get(None)
+    if None not in cells.get("sft_start", {}) and candidate and "per_example" in candidate:
+        # --candidates already scored this very student (same SFT start, same test sample)
+        cells.setdefault("sft_start", {})[None] = {**candidate, "row": "sft_start"}
+        store_cell(cell_path(cells_dir, "sft_start", None), cells["sft_start"][None])
     base_cell("sft_start", sft_dir)
 
     planned = [(row, seed) for row in args.row_list for seed in args.seed_list]

@@ -108,6 +108,10 @@ def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, c
     argv = ["--scale", "smoke", "--base-teacher", str(tiny["teacher"]), "--data", str(data), "--student-layers", "2",
             "--work", str(tmp_path / "work"), "--out", str(out), "--n-boot", "200", "--per-domain", "2",
             "--batch-size", "4"]
+    # the student-size measurement first: its cell of the 2-layer SFT start is then the matrix's sft_start cell
+    assert compare.main(argv + ["--candidates", "2"]) == 0
+    assert "| 2 layers |" in Path(str(out) + "_candidates.md").read_text()
+    capsys.readouterr()
     assert compare.main(argv) == 0
     first = capsys.readouterr().out
 
@@ -115,8 +119,10 @@ def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, c
     cells_dirs = list(Path(str(out) + "_cells").iterdir())
     assert len(cells_dirs) == 1
     cell_files = sorted(p.name for p in cells_dirs[0].glob("*.json") if p.name not in (compare.SHARED_RECORD, compare.SETTINGS_RECORD))
-    assert cell_files == ["fkl-seed0.json", "fkl-seed1.json", "sft-seed0.json", "sft-seed1.json", "sft_start.json",
-                          "teacher_ft.json"]
+    assert cell_files == ["candidate2.json", "fkl-seed0.json", "fkl-seed1.json", "sft-seed0.json", "sft-seed1.json",
+                          "sft_start.json", "teacher_ft.json"]
+    start = json.loads((cells_dirs[0] / "sft_start.json").read_text())
+    assert start["row"] == "sft_start" and start["candidate"]["layers"] == 2  # not evaluated twice
     # the shared parts the cells were scored against, by their training losses (a fresh machine retrains them)
     shared = json.loads((cells_dirs[0] / compare.SHARED_RECORD).read_text())
     assert set(shared) == {"teacher_ft", "sft_start2"} and all(p["losses"] for p in shared.values())
