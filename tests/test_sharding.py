@@ -160,7 +160,6 @@ def test_teacher_loaded_straight_into_shards_equals_the_loaded_teacher(one_proce
         from_files = prune_from_teacher(sharded, [0, 2], weights=weights)
     from_module = prune_from_teacher(plain, [0, 2])
     assert from_files.state_dict().keys() == from_module.state_dict().keys()
-    assert not any(p.is_meta for p in from_files.parameters())  # built on the meta device, every tensor given
     assert (from_files.lm_head.weight is from_files.model.embed_tokens.weight) == tie
     for name, buffer in from_module.named_buffers():
         assert torch.equal(dict(from_files.named_buffers())[name], buffer), name

@@ -341,13 +341,9 @@ def prune_from_teacher(teacher: nn.Module, keep_layers: list[int], dtype: str = 
     config.num_hidden_layers = len(keep_layers)
     if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (sliding/full) follow their layer
         config.layer_types = [teacher.config.layer_types[i] for i in keep_layers]
-    if weights is None:
-        student = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
-    else:  # the tensors read below are fresh copies: the student takes them as they are (no random init first)
-        from accelerate import init_empty_weights
-
-        with init_empty_weights(include_buffers=False):
-            student = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+    # Built with its random init, also when the tensors come from files: that init draws from the RNG, and what draws
+    # next (a LoRA adapter's init) must be the same whichever way the student was pruned.
+    student = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
     new_index = {old: new for new, old in enumerate(keep_layers)}
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
     state = {}
@@ -358,10 +354,7 @@ def prune_from_teacher(teacher: nn.Module, keep_layers: list[int], dtype: str = 
             state[key] = source[key]
         elif int(match.group(1)) in new_index:
             state[f"{prefix}.{new_index[int(match.group(1))]}.{match.group(2)}"] = source[key]
-    if weights is not None:
-        state = {key: value.to(_DTYPES[dtype]) for key, value in state.items()}
-    # assign: a student on the meta device takes the read tensors; a teacher module's own tensors are copied instead
-    missing, unexpected = student.load_state_dict(state, strict=False, assign=weights is not None)
+    missing, unexpected = student.load_state_dict(state, strict=False)
     # Tied heads show up as "missing" lm_head.weight; anything else means the copy was incomplete.
     missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]
     if missing or unexpected:
