@@ -144,3 +144,46 @@ def test_gguf_conversion_writes_a_plain_config(tiny, tmp_path, monkeypatch):
     (stale / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
     assert _materialise_gguf(str(tmp_path / "src"), "m.gguf", str(tmp_path / "cache")) == stale
     assert "quantization_config" not in json.loads((stale / "config.json").read_text())
+
+
+def _cut_short(path):
+    """A weights file cut in half, as an interrupted download or copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_damaged_weights_file_is_named_by_the_cli(tiny, tmp_path, capsys):
+    """A teacher folder whose model.safetensors was cut short: `kdlm distill` exits with an error that names the file
+    and says what to do (safetensors' own error names none), without a traceback and before writing a run."""
+    import shutil
+
+    from kdlm.cli import main
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny["teacher"], teacher)
+    _cut_short(teacher / "model.safetensors")
+    out = tmp_path / "run"
+    code = main(["distill", "--teacher.name_or_path", str(teacher), "--student.num_layers", "2",
+                 "--data.train", str(tiny["train"]), "--train.output_dir", str(out), "--train.max_steps", "1",
+                 "--eval.enabled", "false", "--train.progress", "false"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert f"{teacher / 'model.safetensors'}" in err and "damaged or incomplete" in err and "again" in err
+    assert "Traceback" not in err
+    assert not (out / "final").exists()
+
+
+def test_file_weights_name_a_damaged_file(tiny, tmp_path):
+    """The shard-loading path reads the files itself (kdlm.models.FileWeights): the same error, naming the file."""
+    import shutil
+
+    from kdlm.models import FileWeights
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny["teacher"], folder)
+    whole = FileWeights([folder / "model.safetensors"], torch.float32)
+    assert len(whole) > 0
+    _cut_short(folder / "model.safetensors")
+    with pytest.raises(ModelError, match="damaged or incomplete") as info:
+        FileWeights([folder / "model.safetensors"], torch.float32)
+    assert str(folder / "model.safetensors") in str(info.value)

@@ -163,14 +163,17 @@ class FileWeights(Mapping):
     Tensors are returned in ``dtype`` (the dtype the model would have been loaded in), whatever the file stores."""
 
     def __init__(self, files: list[Path], dtype: torch.dtype):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         self.dtype = dtype
         self._file: dict[str, Path] = {}
         for path in files:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
-                    self._file[name] = path
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    for name in handle.keys():
+                        self._file[name] = path
+            except SafetensorError as err:  # its message names no file
+                raise damaged_weights_error(path, err) from None
         self.bytes_read = 0
         """Bytes of tensor data read so far (what :meth:`rows` saves shows here)."""
 
@@ -188,13 +191,36 @@ class FileWeights(Mapping):
 
     def rows(self, name: str, start: Optional[int], stop: Optional[int]) -> torch.Tensor:
         """Rows ``start:stop`` of tensor ``name`` (the whole tensor for None, None), in :attr:`dtype`."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(self._file[name]), framework="pt") as handle:
-            part = handle.get_slice(name)
-            tensor = part[:] if start is None and stop is None else part[start:stop]
+        try:
+            with safe_open(str(self._file[name]), framework="pt") as handle:
+                part = handle.get_slice(name)
+                tensor = part[:] if start is None and stop is None else part[start:stop]
+        except SafetensorError as err:  # a file changed or cut short since it was opened
+            raise damaged_weights_error(self._file[name], err) from None
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor.to(self.dtype)
+
+
+def damaged_weights_error(path: Path, err: Exception) -> ModelError:
+    """The error for a weights file that safetensors cannot read (cut short by an interrupted download or copy,
+    or not a safetensors file): names the file, since safetensors' own message does not."""
+    return ModelError(f"cannot read the weights file {path}: {err}. The file is damaged or incomplete (an "
+                      "interrupted download or copy?): download or save the model again")
+
+
+def _first_damaged(folder: str) -> Optional[Path]:
+    """The first ``*.safetensors`` file of a local model folder whose header safetensors cannot read, if any."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError:
+            return path
+    return None
 
 
 def weights_fingerprint(files: list[Path], blocks: int = 16, block_size: int = 1 << 16) -> str:
@@ -248,6 +274,7 @@ def load_model(
     cache_dir: Optional[str] = None,
 ) -> nn.Module:
     """A causal LM from a hub name, a local folder, a GGUF file, or ``builtin:smollm2-135m-instruct``."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     folder = _plain_source(name_or_path, gguf_file, cache_dir)
@@ -257,6 +284,11 @@ def load_model(
         )
     except OSError as err:
         raise ModelError(f"cannot load model '{name_or_path}': {err}") from None
+    except SafetensorError as err:  # its message names no file: find the damaged one
+        damaged = _first_damaged(folder)
+        if damaged is None:
+            raise
+        raise damaged_weights_error(damaged, err) from None
     return model
 
 
