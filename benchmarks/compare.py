@@ -30,12 +30,16 @@ each method the same further budget — scaled to this machine):
 
 Outputs: ``<out>.json`` (settings, per-row statistics, claims), ``<out>.md`` (the tables), ``<out>_cells/``,
 ``<out>_report/`` (``kdlm report`` of the cells' run directories, seeds grouped with intervals). Scales: ``cpu``
-(the committed table; estimated at about 3 quiet hours of the 2-core reference CPU for every row × 3 seeds, not
-measured yet: the first pieces' stored cell times tell), ``gpu`` (same protocol,
+(the committed table; a cell takes 8–10 min alone on the 2-core reference CPU, so every row × 3 seeds is about 7 h,
+run in pieces; two pieces side by side with one thread each, ``OMP_NUM_THREADS=1`` and disjoint ``--rows``, finish
+a pair of cells in 0.81× the time of one after the other, measured by ``benchmarks/cpu_cell_parallelism.py``; a
+last invocation with ``--time-budget-min 0`` writes the tables from every stored cell), ``gpu`` (same protocol,
 larger budget, bf16 autocast, 5 sampling seeds; one prepared call on a lent GPU), ``smoke`` (tiny budget, rows
 ``sft,fkl``, seeds ``0,1``: checks the whole pipeline in minutes; the slow test runs it on tiny models)::
 
     nice -n 10 .venv/bin/python benchmarks/compare.py --rows sft,fkl --time-budget-min 50   # one piece
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/compare.py --rows rkl --time-budget-min 50 &  # two
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/compare.py --rows jsd --time-budget-min 50    # at once
     nice -n 10 .venv/bin/python benchmarks/compare.py --candidates 9,15,20                   # student choice
 """
 
@@ -44,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -326,12 +331,25 @@ def load_cells(cells: Path) -> dict[str, dict[Optional[int], dict]]:
     return found
 
 
+def cell_threads(cell: dict) -> int:
+    """The torch threads a cell ran with; cells stored before the field was recorded all ran with the 2-core
+    reference machine's default, 2."""
+    return int(cell.get("threads", 2))
+
+
 def estimate_seconds(cells: dict, row: str) -> Optional[float]:
-    """A cell's expected duration: the median of the row's stored cells, else of every stored method cell."""
-    own = [c["seconds"] for c in cells.get(row, {}).values() if "seconds" in c]
-    anyone = [c["seconds"] for r, by in cells.items() if r in ROWS for c in by.values() if "seconds" in c]
-    pool = own or anyone
-    return float(np.median(pool)) if pool else None
+    """A cell's expected duration: the median of the row's stored cells, else of every stored method cell, each
+    from the cells run with this invocation's thread count when there are any (two pieces side by side with one
+    thread each take about 1.6x as long per cell: benchmarks/cpu_cell_parallelism.py)."""
+    threads = torch.get_num_threads()
+
+    def pool(rows) -> list[float]:
+        done = [c for r, by in cells.items() if r in rows for c in by.values() if "seconds" in c]
+        same = [c["seconds"] for c in done if cell_threads(c) == threads]
+        return same or [c["seconds"] for c in done]
+
+    found = pool({row}) or pool(set(ROWS))
+    return float(np.median(found)) if found else None
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -356,8 +374,14 @@ def summarise(cells: dict, args) -> dict:
             entry[metric] = _interval_json(t_interval([by_seed[s]["aggregate"][metric] for s in seeds]))
         entry["domains"] = {d: {m: float(np.mean([by_seed[s]["aggregate"]["domains"][d][m] for s in seeds]))
                                 for m in ("rouge_l_sample", "kl")} for d in dict.fromkeys(domains)}
-        secs = [by_seed[s].get("s_per_step") for s in seeds if by_seed[s].get("s_per_step")]
+        # The cost column compares rows only when their cells ran alike: the cells run alone (most threads) when
+        # there are any, else those run as one of two pieces side by side (flagged in the table)
+        timed = [by_seed[s] for s in seeds if by_seed[s].get("s_per_step")]
+        most = max((cell_threads(c) for c in timed), default=None)
+        secs = [c["s_per_step"] for c in timed if cell_threads(c) == most]
         entry["s_per_step"] = float(np.mean(secs)) if secs else None
+        entry["s_per_step_alone"] = most is None or most == max(
+            (cell_threads(c) for by in cells.values() for c in by.values() if c.get("s_per_step")), default=most)
         if row in ROWS:
             for reference in ("sft", "fkl"):
                 if reference == row or reference not in cells:
@@ -404,6 +428,14 @@ def _fmt(value: Optional[dict], digits: int = 1, pm: bool = True) -> str:
     return interval.format_pm(digits) if pm else interval.format(digits)
 
 
+def _step_cost(entry: dict) -> str:
+    """The s/step cell: ‡ marks a row timed only in cells run with fewer threads than the matrix's others (two pieces
+    side by side), which are slower per step and not comparable with the rest."""
+    if not entry.get("s_per_step"):
+        return "—"
+    return f"{entry['s_per_step']:.1f}" + ("" if entry.get("s_per_step_alone", True) else "‡")
+
+
 def write_outputs(args, summary: dict, planned: list[tuple[str, Optional[int]]], out: Path, phases: dict) -> None:
     rows, domains = summary["rows"], summary["domains"]
     claims = summary.pop("claims")
@@ -417,13 +449,14 @@ def write_outputs(args, summary: dict, planned: list[tuple[str, Optional[int]]],
                "not_run": [f"{row}" + ("" if seed is None else f" seed {seed}") for row, seed in planned
                            if seed not in rows.get(row, {}).get("seeds", [])]}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # per process: a piece running beside this one writes too
     tmp.write_text(json.dumps(payload, indent=1, default=float))
     tmp.replace(out.with_suffix(".json"))
     s = payload["settings"]
     lines = [
         f"# Method comparison on t0mix, issue-20 protocol ({args.scale} scale)", "",
-        f"Command: `{payload['command']}`", "",
+        f"Command of the last piece: `{payload['command']}` (the tables hold every stored cell of these settings, "
+        "from every piece).", "",
         f"Teacher: the demo teacher fine-tuned on t0mix train ({s['teacher_steps']} steps × {s['teacher_batch_size']}, "
         f"lr {s['teacher_lr']}). SFT start: {s['student_layers']} layers pruned from it, then {s['sft_steps']} steps × "
         f"{s['batch_size']} of SFT (lr {s['sft_lr']}). Every row continues from the SFT start for {s['steps']} steps × "
@@ -451,7 +484,7 @@ def write_outputs(args, summary: dict, planned: list[tuple[str, Optional[int]]],
             _fmt(e["exact_match_sample"]), _fmt(e["exact_match_greedy"]), _fmt(e["kl"], 3),
             _fmt(e.get("diff_vs_sft_rouge_l_sample"), 1, False), _fmt(e.get("diff_vs_fkl_rouge_l_sample"), 1, False),
             _fmt(e.get("diff_vs_sft_kl"), 3, False), _fmt(e.get("gap_closed_rouge_l_sample"), 2, False),
-            _fmt(e.get("gap_closed_kl"), 2, False), f"{e['s_per_step']:.1f}" if e["s_per_step"] else "—"]) + " |")
+            _fmt(e.get("gap_closed_kl"), 2, False), _step_cost(e)]) + " |")
     gap = summary["teacher_sft_gap"]
     if gap:
         lines += ["", f"Teacher − SFT gap the methods must close: ROUGE-L (sampled) {gap['rouge_l_sample']:+.1f}, "
@@ -467,6 +500,9 @@ def write_outputs(args, summary: dict, planned: list[tuple[str, Optional[int]]],
     lines += ["", "## Claims of the seed papers", "",
               "Verdict from the paired 95 % bootstrap interval of the improvement: above 0 holds, below 0 does not "
               "hold, containing 0 not resolved at this budget.", "", claims_markdown(claims, LABELS)]
+    if any(_step_cost(e).endswith("‡") for e in rows.values()):
+        lines += ["", "‡ s/step from cells run with 1 thread as one of two pieces side by side (each step slower than "
+                      "a lone cell's; the pair finishes sooner: `benchmarks/cpu_cell_parallelism.py`)."]
     if payload["not_run"]:
         lines += ["", f"Not run yet ({len(payload['not_run'])} cells): " + ", ".join(payload["not_run"]) + "."]
     lines += ["", "Domains (test examples): " + ", ".join(f"{DOMAIN_SHORT.get(d, d)} = {d} ({n})"
@@ -570,7 +606,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         run_dir = work / f"{row}-seed{seed}"
         cell = {"row": row, "seed": seed, **train_row(args, row, seed, teacher_dir, sft_dir, eval_file, run_dir)}
         cell.update(evaluate_cell(evaluator, args, run_dir / "final", run_dir))
-        cell["seconds"] = time.time() - t0
+        cell["seconds"], cell["threads"] = time.time() - t0, torch.get_num_threads()
         store_cell(cell_path(cells_dir, row, seed), cell)
         cells.setdefault(row, {})[seed] = cell
         a = cell["aggregate"]

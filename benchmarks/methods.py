@@ -175,7 +175,12 @@ def write_subset(args, tokenizer, path: Path) -> dict[str, int]:
         kept[record["domain"]] = kept.get(record["domain"], 0) + 1
         lines.append(line)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    text = "\n".join(lines) + "\n"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        # written whole or not at all: another invocation (a piece running beside this one) may be reading it
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
     return dict(sorted(kept.items()))
 
 
@@ -289,7 +294,7 @@ class MemoTeacher(nn.Module):
         self.base_model.memo.update({k: v.to(device) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()})
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: two invocations may save at once
         torch.save({k: v.cpu() for k, v in self.base_model.memo.items()}, tmp)
         tmp.replace(path)
 

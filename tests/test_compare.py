@@ -93,6 +93,32 @@ def test_summary_from_synthetic_cells(compare, tmp_path):
     assert stored["claims"][0]["verdict"] == "holds" and stored["not_run"][0] == "ddk seed 0"
 
 
+def test_cells_run_side_by_side_are_timed_apart(compare, tmp_path, monkeypatch):
+    """Cells run with 1 thread as one of two pieces side by side take longer each: the duration estimate of an
+    invocation uses the cells run with its own thread count, and a row timed only by such cells is flagged in the
+    s/step column instead of being compared with the rows timed alone."""
+    cells_dir = tmp_path / "cells"
+    cells = [_cell("teacher_ft", None, 10.0, 0.0), _cell("sft_start", None, 1.0, 3.0)]
+    cells += [_cell("sft", seed, 2.0, 2.0) for seed in (0, 1)]  # before the field: the reference machine's 2
+    cells += [{**_cell("fkl", seed, 4.0, 1.5), "threads": 1, "seconds": 500.0, "s_per_step": 3.0} for seed in (0, 1)]
+    cells += [{**_cell("sft", 2, 2.0, 2.0), "threads": 1, "seconds": 500.0, "s_per_step": 3.5}]
+    for cell in cells:
+        compare.store_cell(compare.cell_path(cells_dir, cell["row"], cell["seed"]), cell)
+    loaded = compare.load_cells(cells_dir)
+    monkeypatch.setattr(compare.torch, "get_num_threads", lambda: 2)
+    assert compare.estimate_seconds(loaded, "sft") == 15.0  # sft seeds 0, 1 (10 s, 20 s), not the 1-thread seed 2
+    assert compare.estimate_seconds(loaded, "rkl") == 15.0  # any row's, still the 2-thread cells
+    monkeypatch.setattr(compare.torch, "get_num_threads", lambda: 1)
+    assert compare.estimate_seconds(loaded, "sft") == 500.0 and compare.estimate_seconds(loaded, "rkl") == 500.0
+    args = compare.parse_args(["--rows", "sft,fkl", "--seeds", "0,1,2", "--n-boot", "100"])
+    summary = compare.summarise(loaded, args)
+    assert summary["rows"]["sft"]["s_per_step"] == 2.0  # the cells run alone only
+    out = tmp_path / "compare_cpu"
+    compare.write_outputs(args, summary, [("sft", s) for s in (0, 1, 2)] + [("fkl", s) for s in (0, 1, 2)], out, {})
+    markdown = out.with_suffix(".md").read_text()
+    assert "| 2.0 |" in markdown and "| 3.0‡ |" in markdown and "‡ s/step from cells run with 1 thread" in markdown
+
+
 @pytest.mark.slow
 def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, capsys):
     import torch
