@@ -12,7 +12,8 @@ each method the same further budget — scaled to this machine):
    the teacher (``--candidates 9,15,20`` measures the choices; see the README).
 3. **Every method row continues from that SFT student** with the same budget (``--steps`` × ``--batch-size``, lr
    ``--lr``, the recipe's schedule, the same data and sequence limits): SFT (continued), FKL, RKL, JSD, TVD, skew
-   FKL, AKL, FKL + ranking and AKL + ranking (RLKD), GKD λ 0.5 and λ 1, DPKD token and sequence forms (the sequence
+   FKL, AKL, FKL + ranking and AKL + ranking (RLKD), GKD λ 0.5 and λ 1 (with issue 19's faster sampling,
+   ``steps_per_generation`` 4: one sampling call per 4 steps, samples at most 3 steps old), DPKD token and sequence forms (the sequence
    form's chosen response is the dataset's: the teacher was fine-tuned to write it, and generating 12,660 teacher
    responses does not fit a CPU budget), DDK and the same loss with natural mixing (``ddk_natural``).
 4. **Seeds**: every row × every ``--seeds`` training seed is one *cell*, stored in
@@ -77,7 +78,9 @@ from kdlm.train.loop import distill  # noqa: E402
 ROWS: dict[str, tuple[str, list[str]]] = {
     "sft": ("sft", []), "fkl": ("fkl", []), "rkl": ("rkl", []), "jsd": ("jsd", []), "tvd": ("tvd", []),
     "skew_fkl": ("skew_fkl", []), "akl": ("akl", []), "fkl_rlkd": ("rlkd", []), "akl_rlkd": ("akl_rlkd", []),
-    "gkd_lambda0.5": methods.METHODS["gkd_lambda0.5"], "gkd_lambda1": methods.METHODS["gkd_lambda1"],
+    # GKD with the landed faster sampling (issue 19), as issue 20 asks: one sampling call per 4 steps
+    "gkd_lambda0.5": ("gkd", [*methods.METHODS["gkd_lambda0.5"][1], "--objective.sampling.steps_per_generation", "4"]),
+    "gkd_lambda1": ("gkd", [*methods.METHODS["gkd_lambda1"][1], "--objective.sampling.steps_per_generation", "4"]),
     "dpkd": ("dpkd", []), "dpkd_sequence": ("dpkd_sequence", []), "ddk": ("ddk", []),
     "ddk_natural": ("ddk", ["--data.mixing.strategy", "none"]),
 }
@@ -85,6 +88,8 @@ BASE = ("teacher_ft", "sft_start")
 LABELS = {
     **{k: v for k, v in methods.LABELS.items() if k in ROWS or k == "teacher_ft"},
     "sft_start": "SFT start (the student every row continues from)",
+    "gkd_lambda0.5": "GKD λ 0.5 (`gkd.yaml`, steps_per_generation 4)",
+    "gkd_lambda1": "GKD λ 1, on-policy (`gkd.yaml`, steps_per_generation 4)",
     "sft": "SFT, continued (`sft.yaml`)",
     "fkl_rlkd": "FKL + ranking (`rlkd.yaml`)",
     "dpkd_sequence": "DPKD sequence form (`dpkd_sequence.yaml`)",
