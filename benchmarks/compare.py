@@ -13,9 +13,9 @@ each method the same further budget — scaled to this machine):
 3. **Every method row continues from that SFT student** with the same budget (``--steps`` × ``--batch-size``, lr
    ``--lr``, the recipe's schedule, the same data and sequence limits): SFT (continued), FKL, RKL, JSD, TVD, skew
    FKL, AKL, FKL + ranking and AKL + ranking (RLKD), GKD λ 0.5 and λ 1 (with issue 19's faster sampling,
-   ``steps_per_generation`` 4: one sampling call per 4 steps, samples at most 3 steps old), DPKD token and sequence forms (the sequence
-   form's chosen response is the dataset's: the teacher was fine-tuned to write it, and generating 12,660 teacher
-   responses does not fit a CPU budget), DDK and the same loss with natural mixing (``ddk_natural``).
+   ``steps_per_generation`` 4: one sampling call per 4 steps, samples at most 3 steps old), DPKD token and
+   sequence forms (the sequence form's chosen response is the dataset's: the teacher was fine-tuned to write it,
+   and generating 12,660 teacher responses does not fit a CPU budget), DDK and the same loss with natural mixing (``ddk_natural``).
 4. **Seeds**: every row × every ``--seeds`` training seed is one *cell*, stored in
    ``<out>_cells/<settings hash>/<row>-seed<k>.json`` when done (per-example scores and aggregates) and skipped by
    a rerun; ``--rows`` picks rows, ``--time-budget-min`` stops cleanly before a cell that would not finish in time
@@ -70,7 +70,7 @@ from methods import (  # noqa: E402
 from kdlm.cli import parse_config  # noqa: E402
 from kdlm.config import DEMO_TEACHER  # noqa: E402
 from kdlm.models import load_tokenizer  # noqa: E402
-from kdlm.report.claims import CLAIMS, check_claims, claims_markdown  # noqa: E402
+from kdlm.report.claims import CLAIMS, check_claims, claims_markdown, on_metric  # noqa: E402
 from kdlm.report.stats import Interval, gap_closed, paired_difference, t_interval  # noqa: E402
 from kdlm.train.loop import distill  # noqa: E402
 
@@ -114,6 +114,11 @@ SCALES = {
 SHARED_RECORD = "shared.json"  # in a cells folder beside the cells: see check_shared
 # The scores kept per test example of every cell (the statistics' input). ROUGE-L / EM ×100; kl in nats/token.
 SCORES = ("rouge_l_sample", "exact_match_sample", "rouge_l_greedy", "exact_match_greedy", "kl")
+METRIC_NAMES = {"rouge_l_sample": "ROUGE-L (sampled)", "rouge_l_greedy": "ROUGE-L (greedy)",
+                "exact_match_sample": "EM (sampled)", "exact_match_greedy": "EM (greedy)",
+                "kl": "held-out KL (lower is better)"}
+# The claims' comparisons judged again on these (metric, higher is better) beside the papers' own metric.
+SECONDARY_METRICS = (("rouge_l_greedy", True), ("kl", False))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -410,8 +415,11 @@ def summarise(cells: dict, args) -> dict:
     scores = {metric: {row: {s: np.array(c["per_example"][metric]) for s, c in by.items()}
                        for row, by in cells.items() if row in ROWS} for metric in SCORES}
     claims = check_claims(scores, domains, n_boot=args.n_boot) if domains else []
+    # The same comparisons on the other metrics: supporting evidence, the verdicts above stay the papers' metric's
+    secondary = {metric: check_claims(scores, domains, claims=on_metric(CLAIMS, metric, higher), n_boot=args.n_boot)
+                 for metric, higher in SECONDARY_METRICS} if domains else {}
     return {"rows": rows, "domains": {d: domains.count(d) for d in dict.fromkeys(domains)}, "claims": claims,
-            "teacher_sft_gap": _gap(rows)}
+            "claims_secondary": secondary, "teacher_sft_gap": _gap(rows)}
 
 
 def _interval_json(interval: Interval) -> dict:
@@ -443,14 +451,18 @@ def _step_cost(entry: dict) -> str:
 
 def write_outputs(args, summary: dict, planned: list[tuple[str, Optional[int]]], out: Path, phases: dict) -> None:
     rows, domains = summary["rows"], summary["domains"]
-    claims = summary.pop("claims")
+    claims, secondary = summary.pop("claims"), summary.pop("claims_secondary", {})
+
+    def claims_json(results) -> list[dict]:
+        return [{"paper": r.claim.paper, "claim": r.claim.claim, "metric": r.claim.metric, "verdict": r.verdict,
+                 "comparisons": [{"better": c.better, "worse": c.worse, "verdict": c.verdict,
+                                  "improvement": _interval_json(c.improvement) if c.improvement else None}
+                                 for c in r.comparisons]} for r in results]
+
     payload = {"command": " ".join(["nice -n 10 .venv/bin/python benchmarks/compare.py", *sys.argv[1:]]),
                "settings": settings_of(args), "seeds": args.seed_list, **summary, "phases": phases,
-               "claims": [{"paper": r.claim.paper, "claim": r.claim.claim, "metric": r.claim.metric,
-                           "verdict": r.verdict,
-                           "comparisons": [{"better": c.better, "worse": c.worse, "verdict": c.verdict,
-                                            "improvement": _interval_json(c.improvement) if c.improvement else None}
-                                           for c in r.comparisons]} for r in claims],
+               "claims": claims_json(claims),
+               "claims_secondary": {metric: claims_json(results) for metric, results in secondary.items()},
                "not_run": [f"{row}" + ("" if seed is None else f" seed {seed}") for row, seed in planned
                            if seed not in rows.get(row, {}).get("seeds", [])]}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -505,6 +517,18 @@ def write_outputs(args, summary: dict, planned: list[tuple[str, Optional[int]]],
     lines += ["", "## Claims of the seed papers", "",
               "Verdict from the paired 95 % bootstrap interval of the improvement: above 0 holds, below 0 does not "
               "hold, containing 0 not resolved at this budget.", "", claims_markdown(claims, LABELS)]
+    if secondary:
+        lines += ["", "The same comparisons on the other metrics (supporting evidence; the verdicts above are the "
+                      "papers' metric's): improvement [95 % CI] and verdict.", "",
+                  "| paper | comparison | " + " | ".join(METRIC_NAMES[m] for m in secondary) + " |",
+                  "|---|---|" + "---|" * len(secondary)]
+        for results in zip(*secondary.values()):
+            for k, first in enumerate(results[0].comparisons):
+                cells_ = [r.comparisons[k] for r in results]
+                lines.append(f"| {results[0].claim.paper} | {LABELS.get(first.better, first.better)} vs "
+                             f"{LABELS.get(first.worse, first.worse)} | " + " | ".join(
+                                 f"{c.improvement.format(2)} ({c.verdict})" if c.improvement is not None else "not run"
+                                 for c in cells_) + " |")
     if any(_step_cost(e).endswith("‡") for e in rows.values()):
         lines += ["", "‡ s/step from cells run with 1 thread as one of two pieces side by side (each step slower than "
                       "a lone cell's; the pair finishes sooner: `benchmarks/cpu_cell_parallelism.py`)."]

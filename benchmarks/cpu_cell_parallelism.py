@@ -11,9 +11,9 @@ own models (the fine-tuned teacher and the 15-layer SFT start, from ``$KDLM_CACH
 * **generate**: greedy generation of ``--gen-tokens`` tokens for ``--prompts`` t0mix test prompts, batch 16
   (:func:`kdlm.generation.generate`, what the evaluation runs).
 
-Modes, timed on the wall clock from the work's start (after loading) to its end: ``sequential`` = the workload twice in one process with 2 threads;
-``parallel`` = the workload once in each of two processes started together, 1 thread each. The ratio
-parallel / sequential is what running two cells at once saves. Run on a quiet machine::
+Modes, timed on the wall clock from the work's start (after loading) to its end: ``sequential`` = the workload
+twice in one process with 2 threads; ``parallel`` = the workload once in each of two processes started together,
+1 thread each. The ratio parallel / sequential is what running two cells at once saves. Run on a quiet machine::
 
     .venv/bin/python benchmarks/cpu_cell_parallelism.py   # -> benchmarks/results/cpu_cell_parallelism.json
 """

@@ -91,6 +91,14 @@ def test_summary_from_synthetic_cells(compare, tmp_path):
     assert "| AKL (Wu et al., COLING 2025) | AKL beats FKL and RKL |" in markdown and "**holds**" in markdown
     stored = json.loads(out.with_suffix(".json").read_text())
     assert stored["claims"][0]["verdict"] == "holds" and stored["not_run"][0] == "ddk seed 0"
+    # The same comparisons on the held-out KL: AKL 1.0 against FKL 1.5 and RKL 1.8 in every seed and example, so an
+    # improvement (lower KL) of exactly 0.5 and 0.8; DDK's claim (a worst-domain one) is not repeated there.
+    kl = {c["paper"]: c for c in stored["claims_secondary"]["kl"]}
+    assert [x["improvement"]["mean"] for x in kl["AKL (Wu et al., COLING 2025)"]["comparisons"]] == pytest.approx(
+        [0.5, 0.8])
+    assert kl["AKL (Wu et al., COLING 2025)"]["verdict"] == "holds" and "DDK (Liu et al., NeurIPS 2024)" not in kl
+    assert ("| AKL (Wu et al., COLING 2025) | AKL + CE (`akl.yaml`) vs RKL + CE (`rkl.yaml`) | 6.00 [6.00, 6.00] (holds) "
+            "| 0.80 [0.80, 0.80] (holds) |") in markdown  # ROUGE-L greedy 9 − 3, KL 1.8 − 1.0
 
 
 def test_cells_run_side_by_side_are_timed_apart(compare, tmp_path, monkeypatch):
