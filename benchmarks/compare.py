@@ -403,7 +403,7 @@ def summarise(cells: dict, args) -> dict:
                     diff = paired_difference(matrix(by_seed, metric, common), matrix(cells[reference], metric, common),
                                              domains, n_boot=args.n_boot)
                     entry[f"diff_vs_{reference}_{metric}"] = _interval_json(diff) | {"seeds": common}
-            if teacher is not None and "sft" in cells:
+            if teacher is not None and "sft" in cells and row != "sft":  # SFT against itself: 0 by definition
                 common = sorted(set(by_seed) & set(cells["sft"]))
                 if common:
                     for metric in ("rouge_l_sample", "kl"):
