@@ -374,6 +374,9 @@ def summarise(cells: dict, args) -> dict:
     any_cell = teacher or next((c for by in cells.values() for c in by.values()), None)
     domains = any_cell["domains"] if any_cell else []
     rows: dict[str, dict] = {}
+    # the thread count of a cell run alone: the most any timed cell used (pieces side by side use fewer)
+    alone_threads = max((cell_threads(c) for by in cells.values() for c in by.values() if c.get("s_per_step")),
+                        default=None)
     for row in (*BASE, *ROWS):
         by_seed = cells.get(row, {})
         if not by_seed:
@@ -390,8 +393,7 @@ def summarise(cells: dict, args) -> dict:
         most = max((cell_threads(c) for c in timed), default=None)
         secs = [c["s_per_step"] for c in timed if cell_threads(c) == most]
         entry["s_per_step"] = float(np.mean(secs)) if secs else None
-        entry["s_per_step_alone"] = most is None or most == max(
-            (cell_threads(c) for by in cells.values() for c in by.values() if c.get("s_per_step")), default=most)
+        entry["s_per_step_alone"] = most is None or most == alone_threads
         if row in ROWS:
             for reference in ("sft", "fkl"):
                 if reference == row or reference not in cells:

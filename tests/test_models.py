@@ -187,3 +187,20 @@ def test_file_weights_name_a_damaged_file(tiny, tmp_path):
     with pytest.raises(ModelError, match="damaged or incomplete") as info:
         FileWeights([folder / "model.safetensors"], torch.float32)
     assert str(folder / "model.safetensors") in str(info.value)
+
+
+def test_a_damaged_hub_model_is_a_model_error(monkeypatch):
+    """A hub model's files live in the hub cache, not in a folder kdlm was given, so the damaged file cannot be
+    named: still a ModelError that names the model and says what to do, not safetensors' bare error."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from kdlm.models import load_model
+
+    def damaged(*args, **kwargs):
+        raise SafetensorError("Error while deserializing header: incomplete metadata, file not fully covered")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", damaged)
+    with pytest.raises(ModelError, match="cannot load model 'someone/model': a weights file cannot be read") as info:
+        load_model("someone/model")
+    assert "download the model again" in str(info.value)

@@ -286,8 +286,9 @@ def load_model(
         raise ModelError(f"cannot load model '{name_or_path}': {err}") from None
     except SafetensorError as err:  # its message names no file: find the damaged one
         damaged = _first_damaged(folder)
-        if damaged is None:
-            raise
+        if damaged is None:  # a hub model: its files are in the hub cache, not in a folder we were given
+            raise ModelError(f"cannot load model '{name_or_path}': a weights file cannot be read ({err}); it is "
+                             "damaged or incomplete (an interrupted download?): download the model again") from None
         raise damaged_weights_error(damaged, err) from None
     return model
 
