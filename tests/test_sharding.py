@@ -98,33 +98,38 @@ def test_sharded_tied_head_gets_the_fused_loss_gradient(one_process_group):
     assert hasattr(lm.lm_head.weight, "full_tensor")  # sharded again after
 
 
-def _anon_rss_mb() -> float:
-    from pathlib import Path
-
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    pytest.skip("no /proc/self/status RssAnon on this system")
-
-
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc_trim: Linux only")
 def test_release_freed_memory_returns_the_freed_heap_to_the_system():
     """What the full models leave behind after sharding: tensors freed into glibc's heap below a live one stay
     resident (glibc only trims the heap's top by itself); release_freed_memory hands them back. 256 MB in 64 KB
-    tensors (heap-allocated, under glibc's mmap threshold), pinned by a tensor allocated after them, then freed."""
-    import torch
+    tensors (heap-allocated, under glibc's mmap threshold), pinned by a tensor allocated after them, then freed.
+    Run in a fresh process: in the full suite the heap's state depends on every earlier test in this one."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
 
-    from kdlm.train.sharding import release_freed_memory
+    script = textwrap.dedent(f"""
+        import torch
+        from kdlm.train.sharding import release_freed_memory
 
-    blocks = [torch.ones(16384) for _ in range(4096)]  # 4096 x 64 KB, written, so resident
-    pin = torch.ones(16)  # allocated above them: the freed blocks are not the heap's top
-    loaded = _anon_rss_mb()
-    del blocks
-    freed = _anon_rss_mb()
-    assert release_freed_memory() is True
-    released = _anon_rss_mb()
-    assert freed - released > 128, (loaded, freed, released)  # without the trim they stay resident
-    del pin
+        def anon_rss_mb():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+
+        blocks = [torch.ones(16384) for _ in range(4096)]  # 4096 x 64 KB, written, so resident
+        pin = torch.ones(16)  # allocated above them: the freed blocks are not the heap's top
+        del blocks
+        freed = anon_rss_mb()
+        assert release_freed_memory() is True
+        print(freed - anon_rss_mb())
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) > 128, result.stdout  # without the trim they stay resident
 
 
 @pytest.mark.parametrize("tie", [True, False])
