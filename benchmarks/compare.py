@@ -24,7 +24,9 @@ each method the same further budget — scaled to this machine):
    greedy decoding and the MiniLLM sampling protocol (τ 1, top-k 0, top-p 1, one sample per ``--sample-seeds`` seed,
    scores averaged over them), ROUGE-L and exact match ×100 (kdlm eval's metrics), and the held-out per-token
    KL(fine-tuned teacher ‖ model) on the references, per example and per domain. The teacher's hidden states on
-   the test set are computed once and kept in the work folder for every later cell and invocation.
+   the test set are computed once and kept in the work folder for every later cell and invocation. The sampled
+   generations draw one random stream per evaluation batch, so a cells folder records its ``--eval-batch-size``
+   (``shared.json``) and an invocation asking for another one stops before any work (:func:`check_evaluation`).
 6. **Statistics** (:mod:`kdlm.report.stats`): per row mean ± 95 % t-interval over seeds; paired differences against
    SFT and against FKL with a bootstrap over seeds and examples (domain-stratified, same draws for both rows);
    gap closed = (method − SFT) / (teacher − SFT); the claims table (:mod:`kdlm.report.claims`).
@@ -50,6 +52,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -258,6 +261,37 @@ def check_shared(cells_dir: Path, kind: str, info: dict) -> None:
     tmp = record_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(record_file)
+
+
+def check_evaluation(cells_dir: Path, eval_batch_size: int) -> None:
+    """The sampled generations draw one random stream per evaluation batch (:mod:`kdlm.generation`), so cells scored
+    with another ``--eval-batch-size`` hold other (equally distributed) samples and cannot be paired example by
+    example. Record the batch size under ``evaluation`` in ``<cells>/shared.json`` (for a folder stored before the
+    record existed: the ``--eval.batch_size`` of its cells' commands) and stop, before any work, when this invocation
+    asks for another one."""
+    record_file = cells_dir / SHARED_RECORD
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    cells = [f for f in sorted(cells_dir.glob("*.json")) if f.name not in (SHARED_RECORD, SETTINGS_RECORD)] \
+        if cells_dir.is_dir() else []
+    known: set[int] = set()
+    if cells and "evaluation" in record:
+        known, where = {int(record["evaluation"]["eval_batch_size"])}, f"{record_file}, evaluation"
+    elif cells:
+        commands = [json.loads(f.read_text()).get("command", "") for f in cells]
+        known = {int(m.group(1)) for c in commands if (m := re.search(r"--eval\.batch_size (\d+)", c))}
+        where = "the --eval.batch_size of the cells' commands"
+    if known and known != {eval_batch_size}:
+        raise SystemExit(f"--eval-batch-size {eval_batch_size}: the cells in {cells_dir} were scored with "
+                         f"--eval-batch-size {', '.join(map(str, sorted(known)))} (recorded in {where}); the sampled "
+                         f"generations draw one random stream per batch, so other batches give other samples that "
+                         f"cannot be paired with theirs. Rerun with --eval-batch-size {min(known)}, or give --out "
+                         f"another prefix to start a separate set of cells.")
+    if record.get("evaluation") != {"eval_batch_size": eval_batch_size}:
+        record["evaluation"] = {"eval_batch_size": eval_batch_size}
+        cells_dir.mkdir(parents=True, exist_ok=True)
+        tmp = record_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(record_file)
 
 
 def evaluate_cell(evaluator: Evaluator, args, model_dir: Path, run_dir: Path) -> dict:
@@ -585,6 +619,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = settings_of(args)
     cells_dir = Path(args.out + "_cells") / fingerprint(settings)
     print(f"settings {json.dumps(settings)}; cells in {cells_dir}; device {args.device}", flush=True)
+    check_evaluation(cells_dir, args.eval_batch_size)
 
     eval_file = work / "test_subset.jsonl"
     write_subset(args, load_tokenizer(args.base_teacher), eval_file)

@@ -198,6 +198,12 @@ def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, c
     assert sorted(p.name for p in cells_dirs[0].glob("*.json") if p.name not in (compare.SHARED_RECORD, compare.SETTINGS_RECORD)) == cell_files
     assert "Not run yet (2 cells): sft seed 2, fkl seed 2." in out.with_suffix(".md").read_text()
 
+    # Another evaluation batch size would draw other samples: refused before any work, nothing rewritten.
+    stamps = {p.name: p.stat().st_mtime_ns for p in [*cells_dirs[0].glob("*.json"), out.with_suffix(".md")]}
+    with pytest.raises(SystemExit, match="--eval-batch-size 5: the cells in .* were scored with --eval-batch-size 9"):
+        compare.main(argv + ["--eval-batch-size", "5"])
+    assert {p.name: p.stat().st_mtime_ns for p in [*cells_dirs[0].glob("*.json"), out.with_suffix(".md")]} == stamps
+
 
 def test_a_recomputed_shared_part_must_match_the_recorded_one(compare, tmp_path):
     """A fresh machine retrains the teacher and SFT start: the first losses are recorded, the same ones pass, and
@@ -211,6 +217,31 @@ def test_a_recomputed_shared_part_must_match_the_recorded_one(compare, tmp_path)
         compare.check_shared(tmp_path, "teacher_ft", changed)
     other = {"settings": {"steps": 4}, "metrics": [{"step": 1, "loss": 9.0}]}
     compare.check_shared(tmp_path, "teacher_ft", other)  # other settings: a different part, recorded anew
+
+
+def test_cells_scored_with_another_eval_batch_size_are_not_mixed(compare, tmp_path, capsys):
+    """Sampled generations draw one random stream per evaluation batch, so a folder's cells pair only with cells of
+    the same --eval-batch-size: a folder stored before the record existed is read from its cells' commands, the
+    record is written, and another batch size stops the invocation before any work (nothing written)."""
+    folder = tmp_path / "cells"
+    compare.store_cell(folder / "fkl-seed0.json", {"row": "fkl", "seed": 0,
+                                                  "command": "kdlm distill --eval.batch_size 16 --eval.decoding greedy"})
+    with pytest.raises(SystemExit, match=r"--eval-batch-size 32: the cells in .* were scored with --eval-batch-size "
+                                         r"16 \(recorded in the --eval.batch_size of the cells' commands\).*Rerun "
+                                         r"with --eval-batch-size 16"):
+        compare.check_evaluation(folder, 32)
+    assert not (folder / compare.SHARED_RECORD).exists()  # a refused invocation writes nothing
+    compare.check_evaluation(folder, 16)
+    assert json.loads((folder / compare.SHARED_RECORD).read_text())["evaluation"] == {"eval_batch_size": 16}
+    compare.store_cell(folder / "teacher_ft.json", {"row": "teacher_ft", "seed": None})  # no command: the record rules
+    (folder / "fkl-seed0.json").unlink()
+    with pytest.raises(SystemExit, match=r"scored with --eval-batch-size 16 \(recorded in .*shared.json, evaluation"):
+        compare.check_evaluation(folder, 8)
+    empty = tmp_path / "empty"  # a record without cells (an earlier invocation stopped before scoring): no constraint
+    compare.check_shared(empty, "teacher_ft", {"settings": {}, "metrics": []})
+    compare.check_evaluation(empty, 16)
+    compare.check_evaluation(empty, 8)
+    assert json.loads((empty / compare.SHARED_RECORD).read_text())["evaluation"] == {"eval_batch_size": 8}
 
 
 def test_the_teacher_cell_is_reused_by_a_folder_with_other_student_settings(compare, tmp_path):
