@@ -114,7 +114,7 @@ SCALES = {
                 max_length=512, gen_tokens=128, gkd_new_tokens=128, ddk_val_per_domain=64, eval_batch_size=64,
                 sample_seeds="10,20,30,40,50", seeds="0,1,2", rows=",".join(ROWS)),
 }
-SHARED_RECORD = "shared.json"  # in a cells folder beside the cells: see check_shared
+SHARED_RECORD = "shared.json"  # in a cells folder beside the cells: what they were scored against, see check_shared and check_evaluation
 # The scores kept per test example of every cell (the statistics' input). ROUGE-L / EM ×100; kl in nats/token.
 SCORES = ("rouge_l_sample", "exact_match_sample", "rouge_l_greedy", "exact_match_greedy", "kl")
 METRIC_NAMES = {"rouge_l_sample": "ROUGE-L (sampled)", "rouge_l_greedy": "ROUGE-L (greedy)",
@@ -506,6 +506,7 @@ def write_outputs(args, summary: dict, planned: list[tuple[str, Optional[int]]],
     tmp.write_text(json.dumps(payload, indent=1, default=float))
     tmp.replace(out.with_suffix(".json"))
     s = payload["settings"]
+    seeds_run = sorted({seed for r in rows.values() for seed in r.get("seeds", []) if seed is not None})
     lines = [
         f"# Method comparison on t0mix, issue-20 protocol ({args.scale} scale)", "",
         f"Command of the last piece: `{payload['command']}` (the tables hold every stored cell of these settings, "
@@ -513,7 +514,8 @@ def write_outputs(args, summary: dict, planned: list[tuple[str, Optional[int]]],
         f"Teacher: the demo teacher fine-tuned on t0mix train ({s['teacher_steps']} steps × {s['teacher_batch_size']}, "
         f"lr {s['teacher_lr']}). SFT start: {s['student_layers']} layers pruned from it, then {s['sft_steps']} steps × "
         f"{s['batch_size']} of SFT (lr {s['sft_lr']}). Every row continues from the SFT start for {s['steps']} steps × "
-        f"{s['batch_size']} (lr {s['lr']}), training seeds {args.seed_list}. Test: t0mix test, the first ≤ "
+        f"{s['batch_size']} (lr {s['lr']}), training seeds {seeds_run} (each row's: the seeds column). Test: t0mix "
+        f"test, the first ≤ "
         f"{s['per_domain']} examples per domain with a fitting prompt ({sum(domains.values())} in all); greedy and "
         f"sampled (τ 1, top-p 1, seeds {s['sample_seeds']}, scores averaged) generations of ≤ {s['gen_tokens']} tokens; "
         "ROUGE-L and exact match ×100; KL = per-token KL(fine-tuned teacher ‖ model) in nats on the references.",
@@ -679,6 +681,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"[{row} seed {seed}] ROUGE-L sampled {a['rouge_l_sample']:.2f} greedy {a['rouge_l_greedy']:.2f} "
               f"KL {a['kl']:.4f} ({cell['seconds']:.0f} s)", flush=True)
     phases["this invocation"] = time.time() - started
+    cells = load_cells(cells_dir)  # again: a piece running beside this one may have stored cells since the start
     write_outputs(args, summarise(cells, args), planned, out, phases)
     report_dirs = [work / f"{row}-seed{seed}" for row in ROWS for seed in sorted(s for s in cells.get(row, {}) if s is not None)
                    if (work / f"{row}-seed{seed}" / "config.yaml").is_file()]

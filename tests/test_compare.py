@@ -159,7 +159,8 @@ def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, c
     assert start["row"] == "sft_start" and start["candidate"]["layers"] == 2  # not evaluated twice
     # the shared parts the cells were scored against, by their training losses (a fresh machine retrains them)
     shared = json.loads((cells_dirs[0] / compare.SHARED_RECORD).read_text())
-    assert set(shared) == {"teacher_ft", "sft_start2"} and all(p["losses"] for p in shared.values())
+    assert set(shared) == {"teacher_ft", "sft_start2", "evaluation"} and shared["evaluation"] == {"eval_batch_size": 9}
+    assert all(shared[part]["losses"] for part in ("teacher_ft", "sft_start2"))
     assert result["domains"] == {d: 2 for d in DOMAINS}  # the fixed per-domain sample, every domain
     # Row statistics recomputed from the cells: mean of the two seeds, t-interval half-width t(0.975, 1)·|a − b|/2.
     cells = {name: json.loads((cells_dirs[0] / name).read_text()) for name in cell_files}
@@ -197,6 +198,21 @@ def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, c
     assert "time budget reached before sft seed 2" in third and "sft:2 fkl:2" in third
     assert sorted(p.name for p in cells_dirs[0].glob("*.json") if p.name not in (compare.SHARED_RECORD, compare.SETTINGS_RECORD)) == cell_files
     assert "Not run yet (2 cells): sft seed 2, fkl seed 2." in out.with_suffix(".md").read_text()
+
+    # A piece running beside this one stores a cell after this invocation loaded the cells: the tables include it.
+    real_sft_start = compare.ensure_sft_start
+
+    def sft_start_while_another_piece_stores_a_cell(*a, **k):
+        beside = json.loads((cells_dirs[0] / "fkl-seed1.json").read_text())
+        compare.store_cell(cells_dirs[0] / "rkl-seed1.json", {**beside, "row": "rkl"})
+        return real_sft_start(*a, **k)
+
+    monkeypatch.setattr(compare, "ensure_sft_start", sft_start_while_another_piece_stores_a_cell)
+    assert compare.main(argv + ["--time-budget-min", "0"]) == 0
+    capsys.readouterr()
+    assert json.loads(out.with_suffix(".json").read_text())["rows"]["rkl"]["seeds"] == [1]
+    assert "| RKL + CE (`rkl.yaml`) | 1 |" in out.with_suffix(".md").read_text()
+    (cells_dirs[0] / "rkl-seed1.json").unlink()
 
     # Another evaluation batch size would draw other samples: refused before any work, nothing rewritten.
     stamps = {p.name: p.stat().st_mtime_ns for p in [*cells_dirs[0].glob("*.json"), out.with_suffix(".md")]}
