@@ -114,7 +114,7 @@ SCALES = {
                 max_length=512, gen_tokens=128, gkd_new_tokens=128, ddk_val_per_domain=64, eval_batch_size=64,
                 sample_seeds="10,20,30,40,50", seeds="0,1,2", rows=",".join(ROWS)),
 }
-SHARED_RECORD = "shared.json"  # in a cells folder beside the cells: what they were scored against, see check_shared and check_evaluation
+SHARED_RECORD = "shared.json"  # beside the cells: what they were scored against (check_shared, check_evaluation)
 # The scores kept per test example of every cell (the statistics' input). ROUGE-L / EM ×100; kl in nats/token.
 SCORES = ("rouge_l_sample", "exact_match_sample", "rouge_l_greedy", "exact_match_greedy", "kl")
 METRIC_NAMES = {"rouge_l_sample": "ROUGE-L (sampled)", "rouge_l_greedy": "ROUGE-L (greedy)",
@@ -257,10 +257,7 @@ def check_shared(cells_dir: Path, kind: str, info: dict) -> None:
                              f"of {cells_dir} were scored against another {kind}: move that folder aside to start over")
         return
     record[kind] = entry
-    cells_dir.mkdir(parents=True, exist_ok=True)
-    tmp = record_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(record_file)
+    store_cell(record_file, record)
 
 
 def check_evaluation(cells_dir: Path, eval_batch_size: int) -> None:
@@ -288,10 +285,7 @@ def check_evaluation(cells_dir: Path, eval_batch_size: int) -> None:
                          f"another prefix to start a separate set of cells.")
     if record.get("evaluation") != {"eval_batch_size": eval_batch_size}:
         record["evaluation"] = {"eval_batch_size": eval_batch_size}
-        cells_dir.mkdir(parents=True, exist_ok=True)
-        tmp = record_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(record_file)
+        store_cell(record_file, record)
 
 
 def evaluate_cell(evaluator: Evaluator, args, model_dir: Path, run_dir: Path) -> dict:
@@ -358,8 +352,9 @@ def cell_path(cells: Path, row: str, seed: Optional[int]) -> Path:
 
 
 def store_cell(path: Path, cell: dict) -> None:
+    """Write a cell (or a record beside the cells) atomically: a process beside this one never reads half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(cell, indent=1))
     tmp.replace(path)  # a cell exists only when complete
 
