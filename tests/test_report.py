@@ -111,6 +111,19 @@ def test_markdown_twin_links_the_png_files(runs, report):
     assert "| objective.divergence |" in markdown
 
 
+def test_rebuilding_removes_only_the_earlier_reports_figures(runs, tmp_path):
+    out = tmp_path / "report"
+    build_report([runs["fkl"], runs["gkd_akl"], runs["dpkd"]], out)
+    first = {p.name for p in out.glob("*.png")}
+    (out / "mine.png").write_bytes(PNG_MAGIC)  # the user's own file in the folder
+    # Without the DPKD run and with another order: the DDK figure is renamed, the DPKD figure is gone.
+    build_report([runs["gkd_akl"], runs["fkl"]], out)
+    links = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (out / "report.md").read_text()))
+    assert "dpkd.png" in first and "dpkd.png" not in links
+    assert {p.name for p in out.glob("*.png")} == links | {"mine.png"}
+    assert (out / "mine.png").read_bytes() == PNG_MAGIC
+
+
 def test_text_is_escaped_and_bad_lines_are_skipped(tmp_path):
     """A fabricated run: only metrics (one line broken), a hostile sample; the page escapes it and notes the line."""
     run = tmp_path / "odd<run>"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -52,9 +53,23 @@ def default_out_dir(run_dirs: Sequence[Union[str, Path]], now: Optional[_dt.date
     return Path("reports") / (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
 
 
+# An image line of a report.md this module wrote: ``![alt](name.png)``, the file a plain name beside it.
+_FIGURE_LINK = re.compile(r"^!\[.*\]\(([^()/\\]+\.png)\)$", re.MULTILINE)
+
+
+def _figures_of(markdown: Path) -> set[str]:
+    """The PNG files an earlier build linked from ``markdown`` (none when it is missing or unreadable)."""
+    try:
+        return set(_FIGURE_LINK.findall(markdown.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError):
+        return set()
+
+
 def build_report(run_dirs: Sequence[Union[str, Path]], out_dir: Union[str, Path]) -> Path:
     """Write ``report.html`` (self-contained), ``report.md`` and the plots' PNG files into ``out_dir``.
 
+    Rebuilding into a folder that holds an earlier report removes the figures that report linked and this one does
+    not (a DDK figure's name carries the run's index, so another set of runs renames it); no other file is touched.
     Returns the path of ``report.html``. Raises :class:`ReportError` (naming the path) for a path that is not a
     kdlm run directory, before anything is written.
     """
@@ -68,6 +83,7 @@ def build_report(run_dirs: Sequence[Union[str, Path]], out_dir: Union[str, Path]
                 _methods(runs, images), _samples(runs), _notes(runs)]
     present = [s for s in sections if s is not None]
     out = Path(out_dir)
+    earlier = _figures_of(out / "report.md")
     try:
         out.mkdir(parents=True, exist_ok=True)
         for image in images:
@@ -76,6 +92,8 @@ def build_report(run_dirs: Sequence[Union[str, Path]], out_dir: Union[str, Path]
         (out / "report.md").write_text(render_markdown(present, runs, generated), encoding="utf-8")
         page = out / "report.html"
         page.write_text(render_html(present, runs, generated), encoding="utf-8")
+        for stale in sorted(earlier - {image.filename for image in images}):
+            (out / stale).unlink(missing_ok=True)
     except OSError as error:
         raise ReportError(f"{out}: cannot write the report there ({error})") from error
     return page
