@@ -19,7 +19,8 @@ each method the same further budget — scaled to this machine):
 4. **Seeds**: every row × every ``--seeds`` training seed is one *cell*, stored in
    ``<out>_cells/<settings hash>/<row>-seed<k>.json`` when done (per-example scores and aggregates) and skipped by
    a rerun; ``--rows`` picks rows, ``--time-budget-min`` stops cleanly before a cell that would not finish in time
-   (so the matrix runs in session-sized pieces). The teacher's and the SFT start's evaluations are cells too.
+   (so the matrix runs in session-sized pieces). A piece claims a cell before training it (:func:`claim_cell`), so
+   pieces running side by side share the same rows out cell by cell. The teacher's and the SFT start's evaluations are cells too.
 5. **Evaluation** on t0mix test, all nine domains, the first ``--per-domain`` examples of each whose prompt fits:
    greedy decoding and the MiniLLM sampling protocol (τ 1, top-k 0, top-p 1, one sample per ``--sample-seeds`` seed,
    scores averaged over them), ROUGE-L and exact match ×100 (kdlm eval's metrics), and the held-out per-token
@@ -34,15 +35,14 @@ each method the same further budget — scaled to this machine):
 Outputs: ``<out>.json`` (settings, per-row statistics, claims), ``<out>.md`` (the tables), ``<out>_cells/``,
 ``<out>_report/`` (``kdlm report`` of the cells' run directories, seeds grouped with intervals). Scales: ``cpu``
 (the committed table; a cell takes 8–10 min alone on the 2-core reference CPU, so every row × 3 seeds is about 7 h,
-run in pieces; two pieces side by side with one thread each, ``OMP_NUM_THREADS=1`` and disjoint ``--rows``, finish
-a pair of cells in 0.81× the time of one after the other, measured by ``benchmarks/cpu_cell_parallelism.py``; a
+run in pieces; two pieces side by side with one thread each, ``OMP_NUM_THREADS=1``, finish a pair of cells in 0.81× the time of one after the other, measured by ``benchmarks/cpu_cell_parallelism.py``; a
 last invocation with ``--time-budget-min 0`` writes the tables from every stored cell), ``gpu`` (same protocol,
 larger budget, bf16 autocast, 5 sampling seeds; one prepared call on a lent GPU), ``smoke`` (tiny budget, rows
 ``sft,fkl``, seeds ``0,1``: checks the whole pipeline in minutes; the slow test runs it on tiny models)::
 
     nice -n 10 .venv/bin/python benchmarks/compare.py --rows sft,fkl --time-budget-min 50   # one piece
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/compare.py --rows rkl --time-budget-min 50 &  # two
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/compare.py --rows jsd --time-budget-min 50    # at once
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/compare.py --time-budget-min 50 &  # two at once:
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/compare.py --time-budget-min 50    # they share cells
     nice -n 10 .venv/bin/python benchmarks/compare.py --candidates 9,15,20                   # student choice
 """
 
@@ -359,6 +359,54 @@ def store_cell(path: Path, cell: dict) -> None:
     tmp.replace(path)  # a cell exists only when complete
 
 
+def claim_cell(cells: Path, row: str, seed: int) -> Optional[str]:
+    """Claim a cell for this process: ``<row>-seed<k>.claim`` (pid, host, start), created exclusively.
+
+    Returns None when claimed, else why not (the process that holds it). Two pieces given the same rows then share
+    them out cell by cell instead of training a cell twice. A claim whose process is gone on this host (killed, the
+    machine rebooted) is taken over; one from another host is held until its file is removed.
+    """
+    path = cell_path(cells, row, seed).with_suffix(".claim")
+    cells.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": os.uname().nodename, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            with open(path, "x") as file:
+                json.dump(me, file)
+            return None
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):  # being written right now, or removed meanwhile: the holder's, not ours
+                return f"claimed in {path}"
+            if holder.get("host") != me["host"] or _alive(int(holder.get("pid", 0))):
+                return (f"running in process {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} "
+                        f"({path}; remove it if that process is gone)")
+            path.unlink(missing_ok=True)  # its process is gone: take the cell over
+    return f"claimed in {path}"
+
+
+def release_cell(cells: Path, row: str, seed: int) -> None:
+    """Remove this process's claim on a cell (done, or given up)."""
+    path = cell_path(cells, row, seed).with_suffix(".claim")
+    try:
+        holder = json.loads(path.read_text())
+        if (holder.get("pid"), holder.get("host")) == (os.getpid(), os.uname().nodename):
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return pid > 0
+
+
 def load_cells(cells: Path) -> dict[str, dict[Optional[int], dict]]:
     """Every stored cell: row -> seed (None for the seed-free base rows) -> cell."""
     found: dict[str, dict[Optional[int], dict]] = {}
@@ -660,17 +708,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         if seed in cells.get(row, {}):
             print(f"[{row} seed {seed}] done before, skipped", flush=True)
             continue
+        held = claim_cell(cells_dir, row, seed)  # a piece given the same rows may be training this cell
+        if held:
+            print(f"[{row} seed {seed}] {held}: skipped", flush=True)
+            continue
+        stored = cell_path(cells_dir, row, seed)
+        if stored.exists():  # stored by a piece beside this one since this invocation loaded the cells
+            release_cell(cells_dir, row, seed)
+            cells.setdefault(row, {})[seed] = json.loads(stored.read_text())
+            print(f"[{row} seed {seed}] done by a piece beside this one, skipped", flush=True)
+            continue
         elapsed, expected = time.time() - started, estimate_seconds(cells, row)
         if args.time_budget_min is not None and elapsed + (expected or 0.0) > 60 * args.time_budget_min:
+            release_cell(cells_dir, row, seed)
             stopped = (row, seed)
             break
         print(f"[{row} seed {seed}] ...", flush=True)
         t0 = time.time()
         run_dir = work / f"{row}-seed{seed}"
-        cell = {"row": row, "seed": seed, **train_row(args, row, seed, teacher_dir, sft_dir, eval_file, run_dir)}
-        cell.update(evaluate_cell(evaluator, args, run_dir / "final", run_dir))
-        cell["seconds"], cell["threads"] = time.time() - t0, torch.get_num_threads()
-        store_cell(cell_path(cells_dir, row, seed), cell)
+        try:
+            cell = {"row": row, "seed": seed, **train_row(args, row, seed, teacher_dir, sft_dir, eval_file, run_dir)}
+            cell.update(evaluate_cell(evaluator, args, run_dir / "final", run_dir))
+            cell["seconds"], cell["threads"] = time.time() - t0, torch.get_num_threads()
+            store_cell(stored, cell)
+        finally:  # stored, or failed: either way no longer this process's
+            release_cell(cells_dir, row, seed)
         cells.setdefault(row, {})[seed] = cell
         a = cell["aggregate"]
         print(f"[{row} seed {seed}] ROUGE-L sampled {a['rouge_l_sample']:.2f} greedy {a['rouge_l_greedy']:.2f} "

@@ -220,6 +220,18 @@ def test_smoke_protocol_runs_and_resumes(tiny, tmp_path, monkeypatch, compare, c
         compare.main(argv + ["--eval-batch-size", "5"])
     assert {p.name: p.stat().st_mtime_ns for p in [*cells_dirs[0].glob("*.json"), out.with_suffix(".md")]} == stamps
 
+    # Pieces given the same rows: a cell another live process has claimed is skipped; a claim left by a process
+    # that is gone is taken over, the cell trained and the claim removed.
+    import os
+
+    (cells_dirs[0] / "sft-seed2.claim").write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
+    (cells_dirs[0] / "fkl-seed2.claim").write_text(json.dumps({"pid": _dead_pid(), "host": os.uname().nodename}))
+    assert compare.main(argv + ["--seeds", "0,1,2"]) == 0
+    fourth = capsys.readouterr().out
+    assert f"[sft seed 2] running in process {os.getppid()}" in fourth and "[fkl seed 2] ..." in fourth
+    assert not (cells_dirs[0] / "sft-seed2.json").exists() and (cells_dirs[0] / "sft-seed2.claim").exists()
+    assert (cells_dirs[0] / "fkl-seed2.json").exists() and not (cells_dirs[0] / "fkl-seed2.claim").exists()
+
 
 def test_a_recomputed_shared_part_must_match_the_recorded_one(compare, tmp_path):
     """A fresh machine retrains the teacher and SFT start: the first losses are recorded, the same ones pass, and
@@ -286,3 +298,33 @@ def test_the_teacher_cell_is_reused_by_a_folder_with_other_student_settings(comp
     retrained = new_folder("retrained", {"steps": 20}, {**teacher, "metrics": [{"step": 1, "loss": 2.6}]})
     assert compare.reuse_teacher_cell(retrained, {**settings, "steps": 20}) is None
     assert not (other_sample / "teacher_ft.json").exists() and not (retrained / "teacher_ft.json").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_pieces_given_the_same_rows_share_the_cells_out(compare, tmp_path):
+    import os
+
+    cells = tmp_path / "cells"
+    assert compare.claim_cell(cells, "fkl", 0) is None  # claimed: the file names this process
+    claim = cells / "fkl-seed0.claim"
+    assert json.loads(claim.read_text())["pid"] == os.getpid()
+    held = compare.claim_cell(cells, "fkl", 0)  # the process holding it is alive: not trained twice
+    assert held and f"process {os.getpid()}" in held and str(claim) in held
+    compare.release_cell(cells, "fkl", 0)
+    assert not claim.exists()
+    # A claim whose process is gone is taken over; one from another host is held (its process cannot be checked).
+    claim.write_text(json.dumps({"pid": _dead_pid(), "host": os.uname().nodename, "since": "earlier"}))
+    assert compare.claim_cell(cells, "fkl", 0) is None and json.loads(claim.read_text())["pid"] == os.getpid()
+    other = {"pid": os.getpid(), "host": "elsewhere", "since": "earlier"}
+    claim.write_text(json.dumps(other))
+    assert "on elsewhere" in compare.claim_cell(cells, "fkl", 0) and "remove it" in compare.claim_cell(cells, "fkl", 0)
+    compare.release_cell(cells, "fkl", 0)  # not this process's claim: kept
+    assert json.loads(claim.read_text()) == other
+    assert compare.load_cells(cells) == {}  # claims are not cells
