@@ -20,7 +20,8 @@ each method the same further budget — scaled to this machine):
    ``<out>_cells/<settings hash>/<row>-seed<k>.json`` when done (per-example scores and aggregates) and skipped by
    a rerun; ``--rows`` picks rows, ``--time-budget-min`` stops cleanly before a cell that would not finish in time
    (so the matrix runs in session-sized pieces). A piece claims a cell before training it (:func:`claim_cell`), so
-   pieces running side by side share the same rows out cell by cell. The teacher's and the SFT start's evaluations are cells too.
+   pieces running side by side share the same rows out cell by cell. The teacher's and the SFT start's evaluations
+   are cells too.
 5. **Evaluation** on t0mix test, all nine domains, the first ``--per-domain`` examples of each whose prompt fits:
    greedy decoding and the MiniLLM sampling protocol (τ 1, top-k 0, top-p 1, one sample per ``--sample-seeds`` seed,
    scores averaged over them), ROUGE-L and exact match ×100 (kdlm eval's metrics), and the held-out per-token
@@ -35,8 +36,8 @@ each method the same further budget — scaled to this machine):
 Outputs: ``<out>.json`` (settings, per-row statistics, claims), ``<out>.md`` (the tables), ``<out>_cells/``,
 ``<out>_report/`` (``kdlm report`` of the cells' run directories, seeds grouped with intervals). Scales: ``cpu``
 (the committed table; a cell takes 8–10 min alone on the 2-core reference CPU, so every row × 3 seeds is about 7 h,
-run in pieces; two pieces side by side with one thread each, ``OMP_NUM_THREADS=1``, finish a pair of cells in 0.81× the time of one after the other, measured by ``benchmarks/cpu_cell_parallelism.py``; a
-last invocation with ``--time-budget-min 0`` writes the tables from every stored cell), ``gpu`` (same protocol,
+run in pieces; two pieces side by side with one thread each, ``OMP_NUM_THREADS=1``, finish a pair of cells in
+0.81× the time of one after the other, measured by ``benchmarks/cpu_cell_parallelism.py``; a last invocation with ``--time-budget-min 0`` writes the tables from every stored cell), ``gpu`` (same protocol,
 larger budget, bf16 autocast, 5 sampling seeds; one prepared call on a lent GPU), ``smoke`` (tiny budget, rows
 ``sft,fkl``, seeds ``0,1``: checks the whole pipeline in minutes; the slow test runs it on tiny models)::
 
@@ -377,9 +378,10 @@ def claim_cell(cells: Path, row: str, seed: int) -> Optional[str]:
         except FileExistsError:
             try:
                 holder = json.loads(path.read_text())
-            except (OSError, ValueError):  # being written right now, or removed meanwhile: the holder's, not ours
-                return f"claimed in {path}"
-            if holder.get("host") != me["host"] or _alive(int(holder.get("pid", 0))):
+                pid = int(holder["pid"])
+            except (OSError, ValueError, TypeError, KeyError):  # being written now, removed meanwhile, or edited
+                return f"claimed in {path} (remove it if no piece is running this cell)"
+            if holder.get("host") != me["host"] or _alive(pid):
                 return (f"running in process {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} "
                         f"({path}; remove it if that process is gone)")
             path.unlink(missing_ok=True)  # its process is gone: take the cell over

@@ -327,4 +327,8 @@ def test_pieces_given_the_same_rows_share_the_cells_out(compare, tmp_path):
     assert "on elsewhere" in compare.claim_cell(cells, "fkl", 0) and "remove it" in compare.claim_cell(cells, "fkl", 0)
     compare.release_cell(cells, "fkl", 0)  # not this process's claim: kept
     assert json.loads(claim.read_text()) == other
+    # A claim file edited by hand or cut short: held (never a traceback), and the message says what to do.
+    for garbled in ("", "[1, 2]", '{"pid": "abc"}', '{"host": "here"}'):
+        claim.write_text(garbled)
+        assert "remove it if no piece is running" in compare.claim_cell(cells, "fkl", 0), garbled
     assert compare.load_cells(cells) == {}  # claims are not cells
